@@ -1,0 +1,1 @@
+//! The vp guest SDK.
