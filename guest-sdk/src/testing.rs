@@ -1,0 +1,334 @@
+//! Test an app's handlers natively, with plain `cargo test`.
+//!
+//! [`TestApp`] runs the same runtime the wasm guest runs, and every message,
+//! reply and call crosses the same CBOR encoding, so a serde mistake shows up
+//! here rather than in production. It plays the host: it stamps time and
+//! entropy, collects calls and sends, and lets a test deliver call replies by
+//! hand.
+//!
+//! ```
+//! use vp_guest_sdk::prelude::*;
+//! use vp_guest_sdk::testing::TestApp;
+//!
+//! #[derive(Default)]
+//! struct Echo;
+//! impl App for Echo {
+//!     type Msg = String;
+//!     type Reply = String;
+//!     fn handle(&mut self, _: &mut Ctx<Self>, msg: String) -> Outcome<String> {
+//!         Ok(msg.into())
+//!     }
+//! }
+//!
+//! let mut app = TestApp::<Echo>::new();
+//! assert_eq!(app.request::<_, String>(&"hi").unwrap(), "hi");
+//! ```
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::abi::{self, Address, Effect, Envelope, Input, VpId, WireResult};
+use crate::{App, Error, Runtime};
+
+/// The client address `TestApp` sends requests from.
+pub const TEST_CLIENT: Address = Address::Client(1);
+
+/// A call or send the app made, as the host would see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outbound {
+    /// Call id (for a call, the id its reply must name).
+    pub id: u64,
+    /// The callee.
+    pub to: VpId,
+    /// CBOR payload.
+    pub payload: Vec<u8>,
+    /// `true` for a call that expects a reply, `false` for a one-way send.
+    pub expects_reply: bool,
+}
+
+impl Outbound {
+    /// Decode the payload.
+    pub fn decode<M: DeserializeOwned>(&self) -> Result<M, String> {
+        abi::decode(&self.payload)
+    }
+}
+
+/// What processing one input produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delivery {
+    /// Replies, as (recipient, request id, CBOR result).
+    pub replies: Vec<(Address, u64, WireResult)>,
+    /// Calls and sends, in the order the app made them.
+    pub outbound: Vec<Outbound>,
+}
+
+impl Delivery {
+    /// The reply to request `id` from the test client, decoded.
+    pub fn reply<R: DeserializeOwned>(&self, id: u64) -> Option<Result<R, Error>> {
+        self.replies
+            .iter()
+            .find(|(to, rid, _)| *to == TEST_CLIENT && *rid == id)
+            .map(|(_, _, r)| decode_result(r))
+    }
+}
+
+fn decode_result<R: DeserializeOwned>(result: &WireResult) -> Result<R, Error> {
+    match result {
+        Ok(bytes) => {
+            abi::decode(bytes).map_err(|e| Error::new(format!("reply did not decode: {e}")))
+        }
+        Err(e) => Err(Error::new(e.clone())),
+    }
+}
+
+/// An app under test.
+pub struct TestApp<A: App> {
+    runtime: Runtime<A>,
+    time_ms: u64,
+    next_id: u64,
+    outbox: Vec<Outbound>,
+}
+
+impl<A: App> Default for TestApp<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: App> TestApp<A> {
+    /// A fresh app, clock at 1_700_000_000_000 ms.
+    pub fn new() -> Self {
+        TestApp {
+            runtime: Runtime::new(),
+            time_ms: 1_700_000_000_000,
+            next_id: 1,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The app's state.
+    pub fn app(&self) -> std::cell::Ref<'_, A> {
+        self.runtime.app()
+    }
+
+    /// Set the time the next inputs are stamped with.
+    pub fn set_time_ms(&mut self, time_ms: u64) {
+        self.time_ms = time_ms;
+    }
+
+    /// Handlers currently suspended on calls.
+    pub fn suspended(&self) -> usize {
+        self.runtime.suspended()
+    }
+
+    /// Calls and sends made so far and not yet taken.
+    pub fn take_outbox(&mut self) -> Vec<Outbound> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Send `msg` from the test client and return its reply; panics if the
+    /// handler suspended instead of replying (use [`TestApp::deliver`]).
+    pub fn request<M: Serialize + ?Sized, R: DeserializeOwned>(
+        &mut self,
+        msg: &M,
+    ) -> Result<R, Error> {
+        let id = self.next_id;
+        let delivery = self.deliver(TEST_CLIENT, msg);
+        delivery
+            .reply(id)
+            .unwrap_or_else(|| panic!("request {id} did not reply (the handler suspended)"))
+    }
+
+    /// Ask the app's read path.
+    pub fn read<M: Serialize + ?Sized, R: DeserializeOwned>(
+        &mut self,
+        msg: &M,
+    ) -> Result<R, Error> {
+        let payload = abi::encode(msg).expect("message encodes");
+        let out = self.runtime.query(&payload);
+        let result: WireResult = abi::decode(&out).expect("query output decodes");
+        decode_result(&result)
+    }
+
+    /// Deliver `msg` from `from` as the next ordered input.
+    pub fn deliver<M: Serialize + ?Sized>(&mut self, from: Address, msg: &M) -> Delivery {
+        let id = self.next_id;
+        self.next_id += 1;
+        let payload = abi::encode(msg).expect("message encodes");
+        self.process(Input::Request(from, id, payload.into()))
+    }
+
+    /// Deliver the reply to call `call_id`.
+    pub fn reply_to_call<R: Serialize + ?Sized>(
+        &mut self,
+        call_id: u64,
+        reply: Result<&R, &str>,
+    ) -> Delivery {
+        let result = match reply {
+            Ok(value) => Ok(abi::encode(value).expect("reply encodes").into()),
+            Err(e) => Err(e.to_string()),
+        };
+        self.process(Input::CallReply(call_id, result))
+    }
+
+    /// Deliver raw input; this is what the host does.
+    pub fn process(&mut self, input: Input) -> Delivery {
+        self.time_ms += 1;
+        let env = Envelope(self.time_ms, self.time_ms.wrapping_mul(0x9e37_79b9), input);
+        let bytes = abi::encode(&env).expect("envelope encodes");
+        let out = self.runtime.process(&bytes).expect("envelope accepted");
+        let effects: Vec<Effect> = abi::decode(out).expect("effects decode");
+        let mut delivery = Delivery::default();
+        for effect in effects {
+            match effect {
+                Effect::Reply(to, id, result) => delivery.replies.push((to, id, result)),
+                Effect::Send(to, id, payload) => delivery.outbound.push(Outbound {
+                    id,
+                    to,
+                    payload: payload.into_vec(),
+                    expects_reply: false,
+                }),
+                Effect::Call(to, id, payload) => delivery.outbound.push(Outbound {
+                    id,
+                    to,
+                    payload: payload.into_vec(),
+                    expects_reply: true,
+                }),
+            }
+        }
+        self.outbox.extend(delivery.outbound.iter().cloned());
+        delivery
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    /// Counts requests; `Ask` calls another VP and replies with its answer + 1.
+    #[derive(Default)]
+    struct Relay {
+        handled: u32,
+        asked: u32,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum RelayMsg {
+        Ping,
+        Ask(u64),
+        AskTwice(u64),
+        Notify(u64),
+        Boom,
+    }
+
+    impl App for Relay {
+        type Msg = RelayMsg;
+        type Reply = u64;
+        fn handle(&mut self, ctx: &mut Ctx<Self>, msg: RelayMsg) -> Outcome<u64> {
+            self.handled += 1;
+            match msg {
+                RelayMsg::Ping => Ok(u64::from(self.handled).into()),
+                RelayMsg::Ask(vp) => {
+                    let call = ctx.call::<_, u64>(VpId(vp), &"question");
+                    let ctx = ctx.clone();
+                    Ok(ctx.clone().later(async move {
+                        let answer = call.await?;
+                        ctx.with_app(|app| app.asked += 1);
+                        Ok(answer + 1)
+                    }))
+                }
+                RelayMsg::AskTwice(vp) => {
+                    let ctx = ctx.clone();
+                    Ok(ctx.clone().later(async move {
+                        let a: u64 = ctx.call(VpId(vp), &1).await?;
+                        let b: u64 = ctx.call(VpId(vp), &2).await?;
+                        Ok(a * 10 + b)
+                    }))
+                }
+                RelayMsg::Notify(vp) => {
+                    ctx.send(VpId(vp), &"hello")?;
+                    Ok(0.into())
+                }
+                RelayMsg::Boom => Err(Error::new("boom")),
+            }
+        }
+        fn read(&self, msg: RelayMsg) -> Result<u64, Error> {
+            match msg {
+                RelayMsg::Ping => Ok(u64::from(self.handled)),
+                _ => Err(Error::new("not a read")),
+            }
+        }
+    }
+
+    #[test]
+    fn sync_replies_and_errors() {
+        let mut t = TestApp::<Relay>::new();
+        assert_eq!(t.request::<_, u64>(&RelayMsg::Ping).unwrap(), 1);
+        assert_eq!(
+            t.request::<_, u64>(&RelayMsg::Boom).unwrap_err().message(),
+            "boom"
+        );
+        assert_eq!(t.read::<_, u64>(&RelayMsg::Ping).unwrap(), 2);
+        assert!(t.read::<_, u64>(&RelayMsg::Boom).is_err());
+    }
+
+    #[test]
+    fn undecodable_message_gets_error_reply() {
+        let mut t = TestApp::<Relay>::new();
+        let err = t.request::<_, u64>(&"no such message").unwrap_err();
+        assert!(err.message().contains("cannot decode message"), "{err}");
+        assert_eq!(t.app().handled, 0);
+    }
+
+    #[test]
+    fn async_handler_suspends_and_resumes_on_reply() {
+        let mut t = TestApp::<Relay>::new();
+        let d = t.deliver(TEST_CLIENT, &RelayMsg::Ask(9));
+        assert!(d.replies.is_empty());
+        assert_eq!(t.suspended(), 1);
+        let call = &d.outbound[0];
+        assert!(call.expects_reply);
+        assert_eq!(call.to, VpId(9));
+        assert_eq!(call.decode::<String>().unwrap(), "question");
+
+        // other messages are handled while the first is suspended
+        assert_eq!(t.request::<_, u64>(&RelayMsg::Ping).unwrap(), 2);
+
+        let d = t.reply_to_call(call.id, Ok(&41u64));
+        assert_eq!(d.reply::<u64>(1).unwrap().unwrap(), 42);
+        assert_eq!(t.suspended(), 0);
+        assert_eq!(t.app().asked, 1);
+        // a duplicate reply is ignored
+        assert_eq!(t.reply_to_call(call.id, Ok(&41u64)), Delivery::default());
+    }
+
+    #[test]
+    fn sequential_awaits_and_call_errors() {
+        let mut t = TestApp::<Relay>::new();
+        let d = t.deliver(TEST_CLIENT, &RelayMsg::AskTwice(3));
+        let first = d.outbound[0].id;
+        let d = t.reply_to_call(first, Ok(&4u64));
+        assert!(d.replies.is_empty());
+        let second = d.outbound[0].id;
+        assert_ne!(first, second);
+        let d = t.reply_to_call(second, Ok(&2u64));
+        assert_eq!(d.reply::<u64>(1).unwrap().unwrap(), 42);
+
+        let d = t.deliver(TEST_CLIENT, &RelayMsg::Ask(3));
+        let d = t.reply_to_call(d.outbound[0].id, Err::<&u64, _>("callee trapped"));
+        let err = d.reply::<u64>(2).unwrap().unwrap_err();
+        assert!(err.message().contains("callee trapped"), "{err}");
+    }
+
+    #[test]
+    fn sends_are_one_way() {
+        let mut t = TestApp::<Relay>::new();
+        assert_eq!(t.request::<_, u64>(&RelayMsg::Notify(5)).unwrap(), 0);
+        let out = t.take_outbox();
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].expects_reply);
+        assert_eq!(t.suspended(), 0);
+    }
+}

@@ -1,0 +1,442 @@
+//! The sandbox against the real example apps (built to wasm32 by vp-apps).
+
+use std::sync::Arc;
+
+use serde_json::{Value as Json, json};
+use vp_guest_sdk::abi::{self, Address, Effect, Envelope, Input, VpId, WireResult};
+use vp_host::sandbox::{
+    Guest, GuestError, GuestLimits, LoadError, LoadedModule, Sandbox, Snapshot, SnapshotError,
+};
+
+const CLIENT: Address = Address::Client(42);
+
+fn load(sandbox: &Sandbox, wasm: &[u8]) -> Arc<LoadedModule> {
+    sandbox.load(wasm).expect("example app loads")
+}
+
+fn start(wasm: &[u8]) -> (Sandbox, Guest) {
+    start_with(wasm, GuestLimits::default())
+}
+
+fn start_with(wasm: &[u8], limits: GuestLimits) -> (Sandbox, Guest) {
+    let sandbox = Sandbox::new().unwrap();
+    let module = load(&sandbox, wasm);
+    let guest = Guest::start(&sandbox, module, limits).unwrap();
+    (sandbox, guest)
+}
+
+fn request(id: u64, msg: &Json) -> Envelope {
+    Envelope(
+        1_700_000_000_000 + id,
+        id,
+        Input::Request(CLIENT, id, abi::encode(msg).unwrap().into()),
+    )
+}
+
+fn decode_result(result: &WireResult) -> Result<Json, String> {
+    result
+        .as_ref()
+        .map(|bytes| abi::decode::<Json>(bytes).unwrap())
+        .map_err(Clone::clone)
+}
+
+/// Send one message; return its reply (the guest must reply at once).
+fn send(guest: &mut Guest, id: u64, msg: Json) -> Result<Result<Json, String>, GuestError> {
+    let effects = guest.handle(&request(id, &msg))?;
+    let reply = effects.iter().find_map(|e| match e {
+        Effect::Reply(to, rid, result) if *to == CLIENT && *rid == id => {
+            Some(decode_result(result))
+        }
+        _ => None,
+    });
+    Ok(reply.expect("a reply to the request"))
+}
+
+fn ok(guest: &mut Guest, id: u64, msg: Json) -> Json {
+    send(guest, id, msg)
+        .expect("no trap")
+        .expect("no error reply")
+}
+
+#[test]
+fn counter_adds_and_gets_in_one_instance() {
+    let (_sandbox, mut guest) = start(vp_apps::COUNTER);
+    assert_eq!(ok(&mut guest, 1, json!({"add": 5})), json!(5));
+    assert_eq!(ok(&mut guest, 2, json!({"add": 3})), json!(8));
+    assert_eq!(ok(&mut guest, 3, json!("get")), json!(8));
+    assert_eq!(guest.handled(), 3);
+}
+
+#[test]
+fn kv_put_get_delete() {
+    let (_sandbox, mut guest) = start(vp_apps::KV);
+    assert_eq!(
+        ok(
+            &mut guest,
+            1,
+            json!({"put": {"key": "a", "value": [1, "x"]}})
+        ),
+        Json::Null
+    );
+    assert_eq!(ok(&mut guest, 2, json!({"get": "a"})), json!([1, "x"]));
+    assert_eq!(ok(&mut guest, 3, json!({"delete": "a"})), json!([1, "x"]));
+    assert_eq!(ok(&mut guest, 4, json!({"get": "a"})), Json::Null);
+}
+
+#[test]
+fn undecodable_message_gets_an_error_reply() {
+    let (_sandbox, mut guest) = start(vp_apps::COUNTER);
+    let err = send(&mut guest, 1, json!({"multiply": 3}))
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("cannot decode message"), "{err}");
+    assert_eq!(ok(&mut guest, 2, json!("get")), json!(0));
+}
+
+/// A twin that never saw the failing messages must end in the same state:
+/// rollback leaves no trace, not even in dead memory.
+fn assert_failure_leaves_no_trace(
+    bad: Json,
+    limits: GuestLimits,
+    expect: impl Fn(&GuestError) -> bool,
+) {
+    let (_s1, mut guest) = start_with(vp_apps::STRESS, limits);
+    let (_s2, mut twin) = start_with(vp_apps::STRESS, limits);
+    // enough messages to cross a checkpoint, so rollback also replays
+    for id in 1..=400 {
+        assert_eq!(ok(&mut guest, id, json!({"add": 1})), json!(id));
+        ok(&mut twin, id, json!({"add": 1}));
+    }
+    let before = guest.digest();
+    let err = send(&mut guest, 401, bad.clone()).unwrap_err();
+    assert!(expect(&err), "unexpected error for {bad}: {err}");
+    assert_eq!(guest.digest(), before, "failed message {bad} left a trace");
+    assert_eq!(guest.digest(), twin.digest());
+    // and the guest keeps working
+    assert_eq!(ok(&mut guest, 402, json!({"add": 1})), json!(401));
+    ok(&mut twin, 402, json!({"add": 1}));
+    assert_eq!(guest.digest(), twin.digest());
+}
+
+#[test]
+fn panic_is_rolled_back_and_named() {
+    assert_failure_leaves_no_trace(
+        json!({"add_then_panic": 10}),
+        GuestLimits::default(),
+        |e| matches!(e, GuestError::Panic(m) if m.contains("added 10, then panicked")),
+    );
+}
+
+#[test]
+fn endless_loop_runs_out_of_fuel() {
+    let limits = GuestLimits {
+        fuel_per_message: 20_000_000,
+        ..GuestLimits::default()
+    };
+    assert_failure_leaves_no_trace(json!("spin"), limits, |e| {
+        matches!(e, GuestError::OutOfFuel { limit: 20_000_000 })
+    });
+}
+
+#[test]
+fn memory_bomb_hits_the_memory_limit() {
+    let limits = GuestLimits {
+        memory_bytes_max: 32 << 20,
+        ..GuestLimits::default()
+    };
+    assert_failure_leaves_no_trace(
+        json!({"alloc": 1u64 << 30}),
+        limits,
+        |e| matches!(e, GuestError::MemoryLimit { limit, .. } if *limit == 32 << 20),
+    );
+}
+
+#[test]
+fn growing_memory_then_trapping_is_rolled_back_in_a_fresh_instance() {
+    let (_s, mut guest) = start(vp_apps::STRESS);
+    ok(&mut guest, 1, json!({"add": 7}));
+    let (bytes_before, digest_before) = (guest.memory_bytes(), guest.digest());
+    let err = send(&mut guest, 2, json!({"grow_then_panic": 8 << 20})).unwrap_err();
+    assert!(matches!(err, GuestError::Panic(_)), "{err}");
+    assert_eq!(guest.memory_bytes(), bytes_before, "memory growth undone");
+    assert_eq!(guest.digest(), digest_before);
+    assert_eq!(ok(&mut guest, 3, json!({"add": 1})), json!(8));
+}
+
+#[test]
+fn unreachable_and_stack_overflow_trap() {
+    assert_failure_leaves_no_trace(
+        json!("trap"),
+        GuestLimits::default(),
+        |e| matches!(e, GuestError::Trap(m) if m.contains("unreachable")),
+    );
+    assert_failure_leaves_no_trace(json!({"recurse": 1_000_000}), GuestLimits::default(), |e| {
+        matches!(e, GuestError::Trap(_))
+    });
+}
+
+#[test]
+fn snapshot_restores_into_a_fresh_engine_and_continues_exactly() {
+    let (_s1, mut guest) = start(vp_apps::COUNTER);
+    for id in 1..=10 {
+        ok(&mut guest, id, json!({"add": id}));
+    }
+    let bytes = guest.snapshot().encode();
+    let snapshot = Snapshot::decode(&bytes, u64::MAX).unwrap();
+    assert_eq!(snapshot.digest(), guest.digest());
+
+    let other = Sandbox::new().unwrap(); // another machine
+    let mut restored = Guest::restore(
+        &other,
+        load(&other, vp_apps::COUNTER),
+        &snapshot,
+        GuestLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(restored.digest(), guest.digest());
+    assert_eq!(ok(&mut restored, 11, json!({"add": 100})), json!(155));
+    assert_eq!(ok(&mut guest, 11, json!({"add": 100})), json!(155));
+    assert_eq!(restored.digest(), guest.digest());
+}
+
+#[test]
+fn same_input_gives_byte_identical_snapshots() {
+    let run = || {
+        let (_s, mut guest) = start(vp_apps::KV);
+        for id in 1..=50 {
+            ok(
+                &mut guest,
+                id,
+                json!({"put": {"key": format!("k{}", id % 7), "value": id}}),
+            );
+        }
+        guest.snapshot().encode()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn suspended_async_handler_migrates_with_the_snapshot() {
+    let (_s1, mut guest) = start(vp_apps::CHAT);
+    let effects = guest
+        .handle(&request(
+            1,
+            &json!({"ask": {"room": "00000000000000bb", "last": 3}}),
+        ))
+        .unwrap();
+    let (call_id, to) = match effects.as_slice() {
+        [Effect::Call(to, id, payload)] => {
+            assert_eq!(
+                abi::decode::<Json>(payload).unwrap(),
+                json!({"history": {"last": 3}})
+            );
+            (*id, *to)
+        }
+        other => panic!("expected one call, got {other:?}"),
+    };
+    assert_eq!(to, VpId(0xbb));
+    let snapshot = Snapshot::decode(&guest.snapshot().encode(), u64::MAX).unwrap();
+    drop(guest);
+
+    let other = Sandbox::new().unwrap();
+    let mut restored = Guest::restore(
+        &other,
+        load(&other, vp_apps::CHAT),
+        &snapshot,
+        GuestLimits::default(),
+    )
+    .unwrap();
+    let posts = json!([{"n": 1, "time_ms": 5, "from": "cy", "text": "hello"}]);
+    let reply = Envelope(
+        1_700_000_001_000,
+        9,
+        Input::CallReply(call_id, Ok(abi::encode(&posts).unwrap().into())),
+    );
+    let effects = restored.handle(&reply).unwrap();
+    match effects.as_slice() {
+        [Effect::Reply(to, id, result)] => {
+            assert_eq!(
+                (*to, *id),
+                (CLIENT, 1),
+                "the reply goes to the original request"
+            );
+            assert_eq!(decode_result(result).unwrap(), posts);
+        }
+        other => panic!("expected the suspended handler's reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn reads_answer_without_changing_state() {
+    let (_s, mut guest) = start(vp_apps::KV);
+    ok(
+        &mut guest,
+        1,
+        json!({"put": {"key": "a", "value": "x".repeat(1000)}}),
+    );
+    let before = guest.digest();
+    for _ in 0..3 {
+        let reply = guest
+            .query(&abi::encode(&json!({"get": "a"})).unwrap())
+            .unwrap();
+        assert_eq!(decode_result(&reply).unwrap(), json!("x".repeat(1000)));
+        assert_eq!(guest.digest(), before, "a read changed the guest's state");
+    }
+    let refused = guest
+        .query(&abi::encode(&json!({"delete": "a"})).unwrap())
+        .unwrap();
+    assert!(
+        decode_result(&refused)
+            .unwrap_err()
+            .contains("only get is a read")
+    );
+    let garbage = guest.query(b"\xff\xff").unwrap();
+    assert!(
+        decode_result(&garbage)
+            .unwrap_err()
+            .contains("cannot decode")
+    );
+    assert_eq!(guest.digest(), before);
+    assert_eq!(
+        ok(&mut guest, 2, json!({"get": "a"})),
+        json!("x".repeat(1000))
+    );
+}
+
+#[test]
+fn a_read_that_traps_changes_nothing() {
+    // `stats` through the read path works; `trap` is not a read and is refused,
+    // so exercise a trapping read through a read of huge input instead.
+    let (_s, mut guest) = start(vp_apps::STRESS);
+    ok(&mut guest, 1, json!({"add": 2}));
+    let before = guest.digest();
+    let stats =
+        decode_result(&guest.query(&abi::encode(&json!("stats")).unwrap()).unwrap()).unwrap();
+    assert_eq!(stats, json!([2, 0, 1]));
+    let too_big = vec![0u8; 200 * 1024];
+    assert!(matches!(
+        guest.query(&too_big),
+        Err(GuestError::InputTooLarge { .. })
+    ));
+    assert_eq!(guest.digest(), before);
+}
+
+// ---- bad modules -----------------------------------------------------------
+
+fn load_wat(wat: &str) -> Result<Arc<LoadedModule>, LoadError> {
+    Sandbox::new().unwrap().load(&wat::parse_str(wat).unwrap())
+}
+
+const GOOD_EXPORTS: &str = r#"
+    (memory (export "memory") 1)
+    (func (export "vp_init") (result i32) i32.const 0)
+    (func (export "vp_handle") (param i32) (result i32) i32.const 0)"#;
+
+#[test]
+fn garbage_is_not_a_module() {
+    let sandbox = Sandbox::new().unwrap();
+    let err = sandbox.load(b"\x7fELF this is not wasm").unwrap_err();
+    assert!(
+        err.to_string().contains("not a WebAssembly module"),
+        "{err}"
+    );
+    let err = sandbox.load(&vp_apps::COUNTER[..1000]).unwrap_err();
+    assert!(
+        matches!(err, LoadError::Invalid(_)),
+        "truncated module: {err}"
+    );
+}
+
+#[test]
+fn wasi_imports_are_refused() {
+    let wat = format!(
+        r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+        (func (export "vp_abi_version") (result i32) i32.const 1) {GOOD_EXPORTS})"#
+    );
+    let err = load_wat(&wat).unwrap_err();
+    assert!(
+        err.to_string().contains("wasi_snapshot_preview1::fd_write"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_exports_are_named() {
+    let err = load_wat(r#"(module (memory (export "memory") 1))"#).unwrap_err();
+    assert!(
+        matches!(err, LoadError::MissingExport("vp_abi_version")),
+        "{err}"
+    );
+    let err =
+        load_wat(r#"(module (func (export "vp_handle") (param i32) (result i32) i32.const 0))"#)
+            .unwrap_err();
+    assert!(matches!(err, LoadError::MissingExport("memory")), "{err}");
+}
+
+#[test]
+fn wrong_abi_version_is_refused() {
+    let wat = format!(
+        r#"(module (func (export "vp_abi_version") (result i32) i32.const 2) {GOOD_EXPORTS})"#
+    );
+    let err = load_wat(&wat).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::AbiMismatch {
+                found: 2,
+                supported: 1
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn module_that_traps_at_start_is_refused() {
+    let wat = format!(
+        r#"(module (func $boom unreachable) (start $boom)
+        (func (export "vp_abi_version") (result i32) i32.const 1) {GOOD_EXPORTS})"#
+    );
+    let err = load_wat(&wat).unwrap_err();
+    assert!(
+        matches!(err, LoadError::Start(GuestError::Trap(_))),
+        "{err}"
+    );
+}
+
+#[test]
+fn snapshot_of_another_module_is_refused() {
+    let (sandbox, mut guest) = start(vp_apps::COUNTER);
+    let snapshot = guest.snapshot();
+    let kv = load(&sandbox, vp_apps::KV);
+    let err = Guest::restore(&sandbox, kv, &snapshot, GuestLimits::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::Snapshot(SnapshotError::ModuleMismatch { .. })
+        ),
+        "{err}"
+    );
+    let small = GuestLimits {
+        memory_bytes_max: 65536,
+        ..GuestLimits::default()
+    };
+    let counter = load(&sandbox, vp_apps::COUNTER);
+    let err = Guest::restore(&sandbox, counter, &snapshot, small).unwrap_err();
+    assert!(
+        matches!(err, LoadError::Snapshot(SnapshotError::TooLarge { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn modules_are_compiled_once_per_hash() {
+    let sandbox = Sandbox::new().unwrap();
+    let a = load(&sandbox, vp_apps::COUNTER);
+    let b = load(&sandbox, vp_apps::COUNTER);
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(
+        sandbox.module(&a.hash()).map(|m| Arc::ptr_eq(&m, &a)),
+        Some(true)
+    );
+}
