@@ -74,7 +74,19 @@ pub fn log(level: u32, msg: &str) {
 
 /// Body of `vp_init`: create the app and route panics to the host.
 pub fn init<A: App>(slot: &RuntimeSlot<A>) -> u32 {
-    std::panic::set_hook(Box::new(|info| log(LOG_LEVEL_PANIC, &info.to_string())));
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-string panic payload)");
+        let line = match info.location() {
+            Some(at) => format!("{msg} (at {}:{}:{})", at.file(), at.line(), at.column()),
+            None => msg.to_string(),
+        };
+        log(LOG_LEVEL_PANIC, &line);
+    }));
     // SAFETY: single-threaded; no other reference to the slot is live.
     unsafe { *slot.runtime.get() = Some(Runtime::new()) };
     STATUS_OK

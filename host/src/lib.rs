@@ -1,5 +1,9 @@
 //! vp-host: runs WebAssembly apps as virtual peers.
 //!
 //! - [`sandbox`]: the deterministic Wasmtime sandbox (guests, snapshots, digests)
+//! - [`exec`]: `vp-host exec`, an app on one machine driven by JSON lines
+//! - [`bench`]: the sandbox benchmarks
 
+pub mod bench;
+pub mod exec;
 pub mod sandbox;

@@ -134,7 +134,7 @@ pub enum LoadError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum GuestError {
     #[error(
-        "guest ran out of fuel (limit {limit} per message): an endless loop, or raise --fuel-per-message"
+        "guest ran out of fuel (limit {limit} per message): an endless loop? otherwise raise the fuel limit"
     )]
     OutOfFuel { limit: u64 },
     #[error("guest exceeded its memory limit of {limit} bytes (it asked for {requested})")]
@@ -728,12 +728,16 @@ fn classify(err: wasmtime::Error, data: &mut GuestData, limits: &GuestLimits) ->
         .and_then(|bt| {
             bt.frames()
                 .iter()
-                .find_map(|f| f.func_name().map(str::to_string))
+                .find_map(|f| f.func_name().map(|n| format!("{:#}", rustc_demangle::demangle(n))))
         })
         .map(|name| format!(" in {name}"))
         .unwrap_or_default();
     match trap {
-        Some(trap) => GuestError::Trap(format!("{trap}{place}")),
+        Some(trap) => {
+            let what = trap.to_string();
+            let what = what.strip_prefix("wasm trap: ").unwrap_or(&what);
+            GuestError::Trap(format!("{what}{place}"))
+        }
         None => GuestError::Trap(format!("{err:#}")),
     }
 }

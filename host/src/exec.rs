@@ -1,0 +1,186 @@
+//! `vp-host exec`: run an app on this machine, one JSON message per line.
+//!
+//! Each input line is a JSON message, sent as a request from the client
+//! `exec` with the line number as its id, or a hand-delivered call reply:
+//! `{"$reply": {"call": ID, "ok": VALUE}}` / `{"$reply": {"call": ID, "error": "why"}}`.
+//! Each reply is printed as one JSON line on stdout (`{"error": "..."}` for an
+//! error reply); calls and sends the app makes are printed as JSON lines on
+//! stderr. Messages are stamped with time `time_ms + line number` and entropy
+//! derived from `seed` and the line number, so the same input gives the same
+//! replies and a byte-identical snapshot.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value as Json, json};
+use vp_guest_sdk::abi::{self, Address, Effect, Envelope, Input, WireResult};
+
+use crate::sandbox::{Guest, GuestLimits, Sandbox, Snapshot};
+
+/// The client address `exec` sends from.
+pub const EXEC_CLIENT: Address = Address::Client(0);
+/// Longest input line accepted, in bytes.
+pub const LINE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Options of one run.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    pub limits: GuestLimits,
+    pub time_ms: u64,
+    pub seed: u64,
+    /// Print `{"id": N, "ok": V}` / `{"id": N, "error": E}` instead of bare replies.
+    pub tagged: bool,
+}
+
+/// What a run did, for the caller's summary.
+#[derive(Debug, Default)]
+pub struct ExecSummary {
+    pub messages: u64,
+    pub errors: u64,
+}
+
+fn entropy(seed: u64, line: u64) -> u64 {
+    let mut z = seed ^ line.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Start the guest: fresh, or from a snapshot file.
+pub fn start_guest(sandbox: &Sandbox, wasm: &[u8], snapshot: Option<&std::path::Path>, limits: GuestLimits) -> Result<Guest> {
+    let module = sandbox.load(wasm)?;
+    match snapshot {
+        None => Ok(Guest::start(sandbox, module, limits)?),
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read snapshot {}", path.display()))?;
+            let snapshot = Snapshot::decode(&bytes, limits.memory_bytes_max)
+                .with_context(|| format!("snapshot {} is unusable", path.display()))?;
+            Guest::restore(sandbox, module, &snapshot, limits)
+                .with_context(|| format!("cannot restore snapshot {}", path.display()))
+        }
+    }
+}
+
+/// Turn one input line into an input for the guest.
+fn parse_line(line: &str, number: u64) -> Result<Input, String> {
+    let value: Json = serde_json::from_str(line).map_err(|e| format!("line {number}: not JSON: {e}"))?;
+    if let Some(reply) = value.get("$reply") {
+        let call = reply
+            .get("call")
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("line {number}: $reply needs \"call\": <call id>"))?;
+        let result: WireResult = match (reply.get("ok"), reply.get("error")) {
+            (Some(ok), None) => Ok(abi::encode(ok).map_err(|e| format!("line {number}: {e}"))?.into()),
+            (None, Some(err)) => Err(err.as_str().map_or_else(|| err.to_string(), str::to_string)),
+            _ => return Err(format!("line {number}: $reply needs exactly one of \"ok\" or \"error\"")),
+        };
+        return Ok(Input::CallReply(call, result));
+    }
+    let payload = abi::encode(&value).map_err(|e| format!("line {number}: {e}"))?;
+    Ok(Input::Request(EXEC_CLIENT, number, payload.into()))
+}
+
+fn result_json(result: &WireResult) -> Result<Json, String> {
+    match result {
+        Ok(bytes) => abi::decode::<Json>(bytes).map_err(|e| format!("reply is not JSON-representable CBOR: {e}")),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn reply_line(id: u64, result: Result<Json, String>, tagged: bool) -> Json {
+    match (result, tagged) {
+        (Ok(value), false) => value,
+        (Err(e), false) => json!({ "error": e }),
+        (Ok(value), true) => json!({ "id": id, "ok": value }),
+        (Err(e), true) => json!({ "id": id, "error": e }),
+    }
+}
+
+/// Run every line of `input` through `guest`, writing replies to `out` and
+/// effects to `effects_out`.
+pub fn run(
+    guest: &mut Guest,
+    input: impl BufRead,
+    mut out: impl Write,
+    mut effects_out: impl Write,
+    options: &ExecOptions,
+) -> Result<ExecSummary> {
+    let mut summary = ExecSummary::default();
+    for (index, line) in input.lines().enumerate() {
+        let number = index as u64 + 1;
+        let line = line.with_context(|| format!("cannot read input line {number}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        summary.messages += 1;
+        if line.len() > LINE_BYTES_MAX {
+            summary.errors += 1;
+            let err = format!("line {number}: {} bytes; at most {LINE_BYTES_MAX}", line.len());
+            writeln!(out, "{}", reply_line(number, Err(err), options.tagged))?;
+            continue;
+        }
+        let input = match parse_line(&line, number) {
+            Ok(input) => input,
+            Err(e) => {
+                summary.errors += 1;
+                writeln!(out, "{}", reply_line(number, Err(e), options.tagged))?;
+                continue;
+            }
+        };
+        let is_request = matches!(input, Input::Request(..));
+        let envelope = Envelope(options.time_ms.wrapping_add(number), entropy(options.seed, number), input);
+        match guest.handle(&envelope) {
+            Err(e) => {
+                summary.errors += 1;
+                if is_request {
+                    writeln!(out, "{}", reply_line(number, Err(e.to_string()), options.tagged))?;
+                } else {
+                    writeln!(effects_out, "{}", json!({ "failed": { "line": number, "error": e.to_string() } }))?;
+                }
+            }
+            Ok(effects) => {
+                for effect in effects {
+                    match effect {
+                        Effect::Reply(to, id, result) => {
+                            let result = result_json(&result);
+                            summary.errors += u64::from(result.is_err());
+                            if to == EXEC_CLIENT {
+                                writeln!(out, "{}", reply_line(id, result, options.tagged))?;
+                            } else {
+                                let line = json!({ "reply": { "to": to.to_string(), "id": id, "result": reply_line(id, result, false) } });
+                                writeln!(effects_out, "{line}")?;
+                            }
+                        }
+                        Effect::Send(to, id, payload) => {
+                            let msg = abi::decode::<Json>(&payload).unwrap_or_else(|e| json!({ "undecodable": e }));
+                            writeln!(effects_out, "{}", json!({ "send": { "id": id, "to": to.to_string(), "msg": msg } }))?;
+                        }
+                        Effect::Call(to, id, payload) => {
+                            let msg = abi::decode::<Json>(&payload).unwrap_or_else(|e| json!({ "undecodable": e }));
+                            writeln!(effects_out, "{}", json!({ "call": { "id": id, "to": to.to_string(), "msg": msg } }))?;
+                        }
+                    }
+                }
+            }
+        }
+        out.flush()?;
+    }
+    Ok(summary)
+}
+
+/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Some(name) = path.file_name() else { bail!("{} is not a file path", path.display()) };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))?;
+    Ok(())
+}
