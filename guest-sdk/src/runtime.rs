@@ -284,14 +284,17 @@ impl<A: App> Runtime<A> {
     /// Process one CBOR envelope; returns the CBOR array of effects, or the
     /// reason the envelope itself was unusable.
     pub fn process(&mut self, envelope: &[u8]) -> Result<&[u8], String> {
-        let env: Envelope = abi::decode(envelope).map_err(|e| format!("bad envelope: {e}"))?;
+        let env =
+            abi::codec::decode_envelope(envelope).map_err(|e| format!("bad envelope: {e}"))?;
         self.shared.begin(&env);
         match env.2 {
             Input::Request(from, id, payload) => self.on_request(from, id, &payload),
             Input::CallReply(call_id, result) => self.on_call_reply(call_id, result),
         }
-        let effects = std::mem::take(&mut *self.shared.effects.borrow_mut());
-        abi::encode_into(&effects, &mut self.output)?;
+        let mut effects = self.shared.effects.borrow_mut();
+        self.output.clear();
+        abi::codec::encode_effects(&effects, &mut self.output);
+        effects.clear();
         Ok(&self.output)
     }
 

@@ -146,7 +146,7 @@ impl<A: App> TestApp<A> {
     ) -> Result<R, Error> {
         let payload = abi::encode(msg).expect("message encodes");
         let out = self.runtime.query(&payload);
-        let result: WireResult = abi::decode(&out).expect("query output decodes");
+        let result = abi::codec::decode_result(&out).expect("query output decodes");
         decode_result(&result)
     }
 
@@ -175,9 +175,10 @@ impl<A: App> TestApp<A> {
     pub fn process(&mut self, input: Input) -> Delivery {
         self.time_ms += 1;
         let env = Envelope(self.time_ms, self.time_ms.wrapping_mul(0x9e37_79b9), input);
-        let bytes = abi::encode(&env).expect("envelope encodes");
+        let mut bytes = Vec::new();
+        abi::codec::encode_envelope(&env, &mut bytes);
         let out = self.runtime.process(&bytes).expect("envelope accepted");
-        let effects: Vec<Effect> = abi::decode(out).expect("effects decode");
+        let effects = abi::codec::decode_effects(out).expect("effects decode");
         let mut delivery = Delivery::default();
         for effect in effects {
             match effect {

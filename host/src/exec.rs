@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value as Json, json};
 use vp_guest_sdk::abi::{self, Address, Effect, Envelope, Input, WireResult};
 
-use crate::sandbox::{Guest, GuestLimits, Sandbox, Snapshot};
+use crate::sandbox::{Guest, GuestLimits, Sandbox};
 
 /// The client address `exec` sends from.
 pub const EXEC_CLIENT: Address = Address::Client(0);
@@ -47,15 +47,19 @@ fn entropy(seed: u64, line: u64) -> u64 {
 }
 
 /// Start the guest: fresh, or from a snapshot file.
-pub fn start_guest(sandbox: &Sandbox, wasm: &[u8], snapshot: Option<&std::path::Path>, limits: GuestLimits) -> Result<Guest> {
+pub fn start_guest(
+    sandbox: &Sandbox,
+    wasm: &[u8],
+    snapshot: Option<&std::path::Path>,
+    limits: GuestLimits,
+) -> Result<Guest> {
     let module = sandbox.load(wasm)?;
     match snapshot {
         None => Ok(Guest::start(sandbox, module, limits)?),
         Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read snapshot {}", path.display()))?;
-            let snapshot = Snapshot::decode(&bytes, limits.memory_bytes_max)
-                .with_context(|| format!("snapshot {} is unusable", path.display()))?;
-            Guest::restore(sandbox, module, &snapshot, limits)
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read snapshot {}", path.display()))?;
+            Guest::restore_encoded(sandbox, module, bytes, limits)
                 .with_context(|| format!("cannot restore snapshot {}", path.display()))
         }
     }
@@ -63,16 +67,23 @@ pub fn start_guest(sandbox: &Sandbox, wasm: &[u8], snapshot: Option<&std::path::
 
 /// Turn one input line into an input for the guest.
 fn parse_line(line: &str, number: u64) -> Result<Input, String> {
-    let value: Json = serde_json::from_str(line).map_err(|e| format!("line {number}: not JSON: {e}"))?;
+    let value: Json =
+        serde_json::from_str(line).map_err(|e| format!("line {number}: not JSON: {e}"))?;
     if let Some(reply) = value.get("$reply") {
         let call = reply
             .get("call")
             .and_then(Json::as_u64)
             .ok_or_else(|| format!("line {number}: $reply needs \"call\": <call id>"))?;
         let result: WireResult = match (reply.get("ok"), reply.get("error")) {
-            (Some(ok), None) => Ok(abi::encode(ok).map_err(|e| format!("line {number}: {e}"))?.into()),
+            (Some(ok), None) => Ok(abi::encode(ok)
+                .map_err(|e| format!("line {number}: {e}"))?
+                .into()),
             (None, Some(err)) => Err(err.as_str().map_or_else(|| err.to_string(), str::to_string)),
-            _ => return Err(format!("line {number}: $reply needs exactly one of \"ok\" or \"error\"")),
+            _ => {
+                return Err(format!(
+                    "line {number}: $reply needs exactly one of \"ok\" or \"error\""
+                ));
+            }
         };
         return Ok(Input::CallReply(call, result));
     }
@@ -82,7 +93,8 @@ fn parse_line(line: &str, number: u64) -> Result<Input, String> {
 
 fn result_json(result: &WireResult) -> Result<Json, String> {
     match result {
-        Ok(bytes) => abi::decode::<Json>(bytes).map_err(|e| format!("reply is not JSON-representable CBOR: {e}")),
+        Ok(bytes) => abi::decode::<Json>(bytes)
+            .map_err(|e| format!("reply is not JSON-representable CBOR: {e}")),
         Err(e) => Err(e.clone()),
     }
 }
@@ -115,7 +127,10 @@ pub fn run(
         summary.messages += 1;
         if line.len() > LINE_BYTES_MAX {
             summary.errors += 1;
-            let err = format!("line {number}: {} bytes; at most {LINE_BYTES_MAX}", line.len());
+            let err = format!(
+                "line {number}: {} bytes; at most {LINE_BYTES_MAX}",
+                line.len()
+            );
             writeln!(out, "{}", reply_line(number, Err(err), options.tagged))?;
             continue;
         }
@@ -128,14 +143,26 @@ pub fn run(
             }
         };
         let is_request = matches!(input, Input::Request(..));
-        let envelope = Envelope(options.time_ms.wrapping_add(number), entropy(options.seed, number), input);
+        let envelope = Envelope(
+            options.time_ms.wrapping_add(number),
+            entropy(options.seed, number),
+            input,
+        );
         match guest.handle(&envelope) {
             Err(e) => {
                 summary.errors += 1;
                 if is_request {
-                    writeln!(out, "{}", reply_line(number, Err(e.to_string()), options.tagged))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        reply_line(number, Err(e.to_string()), options.tagged)
+                    )?;
                 } else {
-                    writeln!(effects_out, "{}", json!({ "failed": { "line": number, "error": e.to_string() } }))?;
+                    writeln!(
+                        effects_out,
+                        "{}",
+                        json!({ "failed": { "line": number, "error": e.to_string() } })
+                    )?;
                 }
             }
             Ok(effects) => {
@@ -152,12 +179,22 @@ pub fn run(
                             }
                         }
                         Effect::Send(to, id, payload) => {
-                            let msg = abi::decode::<Json>(&payload).unwrap_or_else(|e| json!({ "undecodable": e }));
-                            writeln!(effects_out, "{}", json!({ "send": { "id": id, "to": to.to_string(), "msg": msg } }))?;
+                            let msg = abi::decode::<Json>(&payload)
+                                .unwrap_or_else(|e| json!({ "undecodable": e }));
+                            writeln!(
+                                effects_out,
+                                "{}",
+                                json!({ "send": { "id": id, "to": to.to_string(), "msg": msg } })
+                            )?;
                         }
                         Effect::Call(to, id, payload) => {
-                            let msg = abi::decode::<Json>(&payload).unwrap_or_else(|e| json!({ "undecodable": e }));
-                            writeln!(effects_out, "{}", json!({ "call": { "id": id, "to": to.to_string(), "msg": msg } }))?;
+                            let msg = abi::decode::<Json>(&payload)
+                                .unwrap_or_else(|e| json!({ "undecodable": e }));
+                            writeln!(
+                                effects_out,
+                                "{}",
+                                json!({ "call": { "id": id, "to": to.to_string(), "msg": msg } })
+                            )?;
                         }
                     }
                 }
@@ -174,13 +211,21 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let Some(name) = path.file_name() else { bail!("{} is not a file path", path.display()) };
+    let Some(name) = path.file_name() else {
+        bail!("{} is not a file path", path.display())
+    };
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.display()))?;
     drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))?;
     Ok(())
 }

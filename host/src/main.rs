@@ -17,7 +17,13 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "VP_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "VP_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 }
 
@@ -90,7 +96,9 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size: use e.g. 65536, 64K, 256M or 1G"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: use e.g. 65536, 64K, 256M or 1G"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -98,13 +106,16 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 30,
         other => return Err(format!("unknown size unit `{other}`: use K, M or G")),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
@@ -120,17 +131,35 @@ fn app_bytes(app: &str) -> Result<Vec<u8>> {
         return Ok(bytes.to_vec());
     }
     let names: Vec<&str> = vp_apps::ALL.iter().map(|(n, _)| *n).collect();
-    anyhow::bail!("no such file: {app} (bundled examples: {})", names.join(", "))
+    anyhow::bail!(
+        "no such file: {app} (bundled examples: {})",
+        names.join(", ")
+    )
 }
 
 fn run_exec(args: ExecArgs) -> Result<()> {
     let wasm = app_bytes(&args.app)?;
-    let limits = GuestLimits { fuel_per_message: args.fuel, memory_bytes_max: args.memory_max, ..GuestLimits::default() };
+    let limits = GuestLimits {
+        fuel_per_message: args.fuel,
+        memory_bytes_max: args.memory_max,
+        ..GuestLimits::default()
+    };
     let sandbox = Sandbox::new()?;
     let mut guest = exec::start_guest(&sandbox, &wasm, args.snapshot_in.as_deref(), limits)
         .with_context(|| format!("cannot start {}", args.app))?;
-    let options = ExecOptions { limits, time_ms: args.time_ms, seed: args.seed, tagged: args.tagged };
-    let summary = exec::run(&mut guest, std::io::stdin().lock(), std::io::stdout().lock(), std::io::stderr(), &options)?;
+    let options = ExecOptions {
+        limits,
+        time_ms: args.time_ms,
+        seed: args.seed,
+        tagged: args.tagged,
+    };
+    let summary = exec::run(
+        &mut guest,
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        std::io::stderr(),
+        &options,
+    )?;
     tracing::info!(messages = summary.messages, errors = summary.errors, "done");
     if let Some(path) = args.snapshot_out {
         exec::write_atomically(&path, &guest.snapshot().encode())
@@ -154,7 +183,9 @@ fn main() -> ExitCode {
         Command::Bench { which } => {
             init_logging(cli.log_format, "warn");
             match which {
-                BenchCommand::Dispatch { messages } => vp_host::bench::dispatch(messages).and_then(|r| print_json(&r)),
+                BenchCommand::Dispatch { messages } => {
+                    vp_host::bench::dispatch(messages).and_then(|r| print_json(&r))
+                }
                 BenchCommand::Snapshot { state_mib, rounds } => {
                     vp_host::bench::snapshot(state_mib, rounds).and_then(|r| print_json(&r))
                 }
@@ -180,7 +211,11 @@ mod tests {
         assert_eq!(parse_bytes("64K"), Ok(64 << 10));
         assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
         assert_eq!(parse_bytes("1g"), Ok(1 << 30));
-        assert!(parse_bytes("12Q").unwrap_err().contains("unknown size unit"));
+        assert!(
+            parse_bytes("12Q")
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
         assert!(parse_bytes("lots").unwrap_err().contains("not a size"));
         assert!(parse_bytes("99999999999999999999G").is_err());
     }

@@ -189,7 +189,7 @@ fn snapshot_restores_into_a_fresh_engine_and_continues_exactly() {
     let mut restored = Guest::restore(
         &other,
         load(&other, vp_apps::COUNTER),
-        &snapshot,
+        snapshot,
         GuestLimits::default(),
     )
     .unwrap();
@@ -197,6 +197,34 @@ fn snapshot_restores_into_a_fresh_engine_and_continues_exactly() {
     assert_eq!(ok(&mut restored, 11, json!({"add": 100})), json!(155));
     assert_eq!(ok(&mut guest, 11, json!({"add": 100})), json!(155));
     assert_eq!(restored.digest(), guest.digest());
+}
+
+#[test]
+fn restored_guest_rolls_back_to_the_restored_state() {
+    let (_s1, mut guest) = start(vp_apps::STRESS);
+    ok(&mut guest, 1, json!({"add": 3}));
+    let mut encoded = Vec::new();
+    guest.encode_snapshot_into(&mut encoded);
+    assert_eq!(encoded, guest.snapshot().encode(), "both encoders agree");
+
+    let other = Sandbox::new().unwrap();
+    let module = load(&other, vp_apps::STRESS);
+    let mut restored =
+        Guest::restore_encoded(&other, module, encoded, GuestLimits::default()).unwrap();
+    let before = restored.digest();
+    assert_eq!(before, guest.digest());
+    // the first message after a restore traps: back to the restored state
+    assert!(matches!(
+        send(&mut restored, 2, json!({"grow_then_panic": 4 << 20})),
+        Err(GuestError::Panic(_))
+    ));
+    assert_eq!(restored.digest(), before);
+    assert!(matches!(
+        send(&mut restored, 3, json!({"add_then_panic": 1})),
+        Err(GuestError::Panic(_))
+    ));
+    assert_eq!(restored.digest(), before);
+    assert_eq!(ok(&mut restored, 4, json!({"add": 1})), json!(4));
 }
 
 #[test]
@@ -242,7 +270,7 @@ fn suspended_async_handler_migrates_with_the_snapshot() {
     let mut restored = Guest::restore(
         &other,
         load(&other, vp_apps::CHAT),
-        &snapshot,
+        snapshot,
         GuestLimits::default(),
     )
     .unwrap();
@@ -409,7 +437,7 @@ fn snapshot_of_another_module_is_refused() {
     let (sandbox, mut guest) = start(vp_apps::COUNTER);
     let snapshot = guest.snapshot();
     let kv = load(&sandbox, vp_apps::KV);
-    let err = Guest::restore(&sandbox, kv, &snapshot, GuestLimits::default()).unwrap_err();
+    let err = Guest::restore(&sandbox, kv, snapshot.clone(), GuestLimits::default()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -422,7 +450,7 @@ fn snapshot_of_another_module_is_refused() {
         ..GuestLimits::default()
     };
     let counter = load(&sandbox, vp_apps::COUNTER);
-    let err = Guest::restore(&sandbox, counter, &snapshot, small).unwrap_err();
+    let err = Guest::restore(&sandbox, counter, snapshot, small).unwrap_err();
     assert!(
         matches!(err, LoadError::Snapshot(SnapshotError::TooLarge { .. })),
         "{err}"

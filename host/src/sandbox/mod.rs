@@ -31,7 +31,10 @@ use wasmtime::{
 };
 
 pub use module::{MODULE_BYTES_MAX, ModuleHash};
-pub use snapshot::{GlobalValue, PAGE_BYTES, Snapshot, SnapshotError, StateDigest, state_digest};
+pub use snapshot::{
+    GlobalValue, PAGE_BYTES, Snapshot, SnapshotError, SnapshotView, StateDigest, encode_state,
+    state_digest,
+};
 
 use module::GlobalKind;
 
@@ -45,7 +48,7 @@ pub const LOG_LINES_PER_CALL_MAX: u32 = 64;
 pub const STACK_REGION_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Envelopes kept for replay before a new checkpoint is taken (plus 16 per
 /// page of memory: bigger guests checkpoint less often, as a copy costs more).
-pub const REPLAY_MESSAGES_BASE: usize = 256;
+pub const REPLAY_MESSAGES_BASE: usize = 1024;
 /// Bytes of envelopes kept for replay before a new checkpoint is taken.
 pub const REPLAY_BYTES_MAX: usize = 16 * 1024 * 1024;
 
@@ -491,6 +494,48 @@ impl Sandbox {
     }
 }
 
+/// Check that a snapshot belongs to `module` and fits `limits`.
+fn check_snapshot_fits(
+    module: &LoadedModule,
+    hash: ModuleHash,
+    abi_version: u32,
+    memory_bytes: usize,
+    globals: &[GlobalValue],
+    limits: &GuestLimits,
+) -> Result<(), SnapshotError> {
+    if hash != module.hash {
+        return Err(SnapshotError::ModuleMismatch {
+            snapshot: hash.to_string(),
+            module: module.hash.to_string(),
+        });
+    }
+    if abi_version != module.abi_version {
+        return Err(SnapshotError::AbiMismatch {
+            snapshot: abi_version,
+            module: module.abi_version,
+        });
+    }
+    if memory_bytes as u64 > limits.memory_bytes_max {
+        return Err(SnapshotError::TooLarge {
+            bytes: memory_bytes as u64,
+            max: limits.memory_bytes_max,
+        });
+    }
+    let kinds_match = globals.len() == module.globals.len()
+        && globals
+            .iter()
+            .zip(&module.globals)
+            .all(|(v, (_, k))| v.kind() == *k);
+    if !kinds_match {
+        return Err(SnapshotError::GlobalsMismatch(format!(
+            "snapshot has {} globals, the module {}",
+            globals.len(),
+            module.globals.len()
+        )));
+    }
+    Ok(())
+}
+
 fn check_func_export(
     module: &wasmtime::Module,
     name: &'static str,
@@ -676,30 +721,51 @@ impl Live {
         }
     }
 
-    /// Make memory and globals exactly `state` (memory must not be larger).
-    fn write_state(&mut self, memory: &[u8], globals: &[GlobalValue]) -> Result<(), LoadError> {
+    /// Make memory exactly `memory_bytes` long, let `fill` write all of it,
+    /// and set the globals. Memory cannot shrink: a smaller state is refused.
+    fn write_state(
+        &mut self,
+        memory_bytes: usize,
+        fill: impl FnOnce(&mut [u8]),
+        globals: &[GlobalValue],
+    ) -> Result<(), LoadError> {
         let current = self.memory.data_size(&self.store);
-        if memory.len() < current {
+        if memory_bytes < current {
             return Err(SnapshotError::MemoryTooSmall {
-                snapshot: memory.len() as u64,
+                snapshot: memory_bytes as u64,
                 module: current as u64,
             }
             .into());
         }
-        let grow = ((memory.len() - current) / PAGE_BYTES) as u64;
+        let grow = ((memory_bytes - current) / PAGE_BYTES) as u64;
         if grow > 0 {
             self.memory.grow(&mut self.store, grow).map_err(|_| {
                 LoadError::Start(GuestError::MemoryLimit {
                     limit: self.store.data().limiter.memory_bytes_max,
-                    requested: memory.len() as u64,
+                    requested: memory_bytes as u64,
                 })
             })?;
         }
-        self.memory
-            .data_mut(&mut self.store)
-            .copy_from_slice(memory);
+        fill(self.memory.data_mut(&mut self.store));
         self.set_globals(globals);
         Ok(())
+    }
+
+    /// Make memory and globals exactly those of `checkpoint`.
+    fn write_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), LoadError> {
+        match checkpoint {
+            Checkpoint::Image { memory, globals } => {
+                self.write_state(memory.len(), |dst| dst.copy_from_slice(memory), globals)
+            }
+            Checkpoint::Encoded { bytes, .. } => {
+                let view = SnapshotView::parse(bytes, u64::MAX)?;
+                self.write_state(
+                    view.memory_bytes,
+                    |dst| view.copy_memory_into(dst),
+                    &view.globals,
+                )
+            }
+        }
     }
 }
 
@@ -726,9 +792,10 @@ fn classify(err: wasmtime::Error, data: &mut GuestData, limits: &GuestLimits) ->
     let place = err
         .downcast_ref::<WasmBacktrace>()
         .and_then(|bt| {
-            bt.frames()
-                .iter()
-                .find_map(|f| f.func_name().map(|n| format!("{:#}", rustc_demangle::demangle(n))))
+            bt.frames().iter().find_map(|f| {
+                f.func_name()
+                    .map(|n| format!("{:#}", rustc_demangle::demangle(n)))
+            })
         })
         .map(|name| format!(" in {name}"))
         .unwrap_or_default();
@@ -742,10 +809,26 @@ fn classify(err: wasmtime::Error, data: &mut GuestData, limits: &GuestLimits) ->
     }
 }
 
-/// The state a guest returns to when a message fails.
-struct Checkpoint {
-    memory: Vec<u8>,
-    globals: Vec<GlobalValue>,
+/// The state a guest returns to when a message fails: a copy of memory and
+/// globals, or (right after a restore) the encoded snapshot it came from.
+enum Checkpoint {
+    Image {
+        memory: Vec<u8>,
+        globals: Vec<GlobalValue>,
+    },
+    Encoded {
+        bytes: Vec<u8>,
+        memory_bytes: usize,
+    },
+}
+
+impl Checkpoint {
+    fn memory_bytes(&self) -> usize {
+        match self {
+            Checkpoint::Image { memory, .. } => memory.len(),
+            Checkpoint::Encoded { memory_bytes, .. } => *memory_bytes,
+        }
+    }
 }
 
 /// Envelopes applied since the checkpoint, length-prefixed in one buffer.
@@ -815,55 +898,82 @@ impl Guest {
         let label: Arc<str> = module.hash.short().into();
         let mut live = Live::instantiate(&sandbox.engine, &module, &limits, label.clone())?;
         live.init(&limits)?;
-        Ok(Self::assemble(sandbox, module, limits, label, live))
+        let checkpoint = Checkpoint::Image {
+            memory: live.memory.data(&live.store).to_vec(),
+            globals: live.globals(),
+        };
+        Ok(Self::assemble(
+            sandbox, module, limits, label, live, checkpoint,
+        ))
     }
 
     /// Continue from a snapshot, in a fresh instance (as on another machine).
+    /// The snapshot's memory becomes the rollback checkpoint (no copy).
     pub fn restore(
         sandbox: &Sandbox,
         module: Arc<LoadedModule>,
-        snapshot: &Snapshot,
+        snapshot: Snapshot,
         limits: GuestLimits,
     ) -> Result<Guest, LoadError> {
-        if snapshot.module_hash != module.hash {
-            return Err(SnapshotError::ModuleMismatch {
-                snapshot: snapshot.module_hash.to_string(),
-                module: module.hash.to_string(),
-            }
-            .into());
-        }
-        if snapshot.abi_version != module.abi_version {
-            return Err(SnapshotError::AbiMismatch {
-                snapshot: snapshot.abi_version,
-                module: module.abi_version,
-            }
-            .into());
-        }
-        if snapshot.memory.len() as u64 > limits.memory_bytes_max {
-            return Err(SnapshotError::TooLarge {
-                bytes: snapshot.memory.len() as u64,
-                max: limits.memory_bytes_max,
-            }
-            .into());
-        }
-        let kinds_match = snapshot.globals.len() == module.globals.len()
-            && snapshot
-                .globals
-                .iter()
-                .zip(&module.globals)
-                .all(|(v, (_, k))| v.kind() == *k);
-        if !kinds_match {
-            return Err(SnapshotError::GlobalsMismatch(format!(
-                "snapshot has {} globals, the module {}",
-                snapshot.globals.len(),
-                module.globals.len()
-            ))
-            .into());
-        }
+        check_snapshot_fits(
+            &module,
+            snapshot.module_hash,
+            snapshot.abi_version,
+            snapshot.memory.len(),
+            &snapshot.globals,
+            &limits,
+        )?;
         let label: Arc<str> = module.hash.short().into();
         let mut live = Live::instantiate(&sandbox.engine, &module, &limits, label.clone())?;
-        live.write_state(&snapshot.memory, &snapshot.globals)?;
-        Ok(Self::assemble(sandbox, module, limits, label, live))
+        let memory = &snapshot.memory;
+        live.write_state(
+            memory.len(),
+            |dst| dst.copy_from_slice(memory),
+            &snapshot.globals,
+        )?;
+        let checkpoint = Checkpoint::Image {
+            memory: snapshot.memory,
+            globals: snapshot.globals,
+        };
+        Ok(Self::assemble(
+            sandbox, module, limits, label, live, checkpoint,
+        ))
+    }
+
+    /// Continue from an encoded snapshot (as received from another machine),
+    /// copying each stored page once, straight into the new instance. The
+    /// encoded bytes are kept as the rollback checkpoint.
+    pub fn restore_encoded(
+        sandbox: &Sandbox,
+        module: Arc<LoadedModule>,
+        encoded: Vec<u8>,
+        limits: GuestLimits,
+    ) -> Result<Guest, LoadError> {
+        let view = SnapshotView::parse(&encoded, limits.memory_bytes_max)?;
+        check_snapshot_fits(
+            &module,
+            view.module_hash,
+            view.abi_version,
+            view.memory_bytes,
+            &view.globals,
+            &limits,
+        )?;
+        let label: Arc<str> = module.hash.short().into();
+        let mut live = Live::instantiate(&sandbox.engine, &module, &limits, label.clone())?;
+        live.write_state(
+            view.memory_bytes,
+            |dst| view.copy_memory_into(dst),
+            &view.globals,
+        )?;
+        let memory_bytes = view.memory_bytes;
+        drop(view);
+        let checkpoint = Checkpoint::Encoded {
+            bytes: encoded,
+            memory_bytes,
+        };
+        Ok(Self::assemble(
+            sandbox, module, limits, label, live, checkpoint,
+        ))
     }
 
     fn assemble(
@@ -871,12 +981,9 @@ impl Guest {
         module: Arc<LoadedModule>,
         limits: GuestLimits,
         label: Arc<str>,
-        mut live: Live,
+        live: Live,
+        checkpoint: Checkpoint,
     ) -> Guest {
-        let checkpoint = Checkpoint {
-            memory: live.memory.data(&live.store).to_vec(),
-            globals: live.globals(),
-        };
         Guest {
             engine: sandbox.engine.clone(),
             module,
@@ -924,7 +1031,8 @@ impl Guest {
             return Err(GuestError::Failed(why.clone()));
         }
         let data = self.live.store.data_mut();
-        abi::encode_into(envelope, &mut data.input).map_err(GuestError::Abi)?;
+        data.input.clear();
+        abi::codec::encode_envelope(envelope, &mut data.input);
         if data.input.len() > self.limits.input_bytes_max as usize {
             return Err(GuestError::InputTooLarge {
                 bytes: data.input.len(),
@@ -933,7 +1041,7 @@ impl Guest {
         }
         let outcome = self.call_handle().and_then(|()| {
             let output = &self.live.store.data().output;
-            abi::decode::<Vec<Effect>>(output)
+            abi::codec::decode_effects(output)
                 .map_err(|e| GuestError::Abi(format!("effects did not decode: {e}")))
         });
         match outcome {
@@ -1005,7 +1113,7 @@ impl Guest {
         data.input.clear();
         data.input.extend_from_slice(payload);
         let outcome = match self.live.call(query, &self.limits) {
-            Ok(abi::STATUS_OK) => abi::decode::<WireResult>(&self.live.store.data().output)
+            Ok(abi::STATUS_OK) => abi::codec::decode_result(&self.live.store.data().output)
                 .map_err(|e| GuestError::Abi(format!("read output did not decode: {e}"))),
             Ok(status) => Err(GuestError::Abi(format!(
                 "guest refused the read (status {status}): {}",
@@ -1025,25 +1133,36 @@ impl Guest {
 
     /// Copy the current state as the new rollback point.
     fn take_checkpoint(&mut self) {
-        let memory = self.live.memory.data(&self.live.store);
-        self.checkpoint.memory.clear();
-        self.checkpoint.memory.extend_from_slice(memory);
-        self.checkpoint.globals = self.live.globals();
+        let globals = self.live.globals();
+        let live = self.live.memory.data(&self.live.store);
+        match &mut self.checkpoint {
+            Checkpoint::Image {
+                memory,
+                globals: saved,
+            } => {
+                memory.clear();
+                memory.extend_from_slice(live);
+                *saved = globals;
+            }
+            Checkpoint::Encoded { .. } => {
+                self.checkpoint = Checkpoint::Image {
+                    memory: live.to_vec(),
+                    globals,
+                }
+            }
+        }
         self.replay.clear();
     }
 
     /// Return to the state after the last successful message: write the
     /// checkpoint back (into a fresh instance if memory grew since) and replay.
     fn roll_back(&mut self) -> Result<(), GuestError> {
-        if self.memory_bytes() != self.checkpoint.memory.len() {
+        if self.memory_bytes() != self.checkpoint.memory_bytes() {
             let fresh =
                 Live::instantiate(&self.engine, &self.module, &self.limits, self.label.clone());
             self.live = fresh.map_err(|e| self.fail(format!("cannot re-instantiate: {e}")))?;
         }
-        if let Err(e) = self
-            .live
-            .write_state(&self.checkpoint.memory, &self.checkpoint.globals)
-        {
+        if let Err(e) = self.live.write_checkpoint(&self.checkpoint) {
             return Err(self.fail(format!("cannot restore the checkpoint: {e}")));
         }
         let replay = std::mem::take(&mut self.replay);
@@ -1076,6 +1195,20 @@ impl Guest {
             memory: self.live.memory.data(&self.live.store).to_vec(),
             globals: self.live.globals(),
         }
+    }
+
+    /// Encode the guest's state (the snapshot format) into `out`, straight
+    /// from live memory.
+    pub fn encode_snapshot_into(&mut self, out: &mut Vec<u8>) {
+        let globals = self.live.globals();
+        let memory = self.live.memory.data(&self.live.store);
+        encode_state(
+            self.module.hash,
+            self.module.abi_version,
+            memory,
+            &globals,
+            out,
+        );
     }
 
     /// Digest of the guest's state (memory and globals).

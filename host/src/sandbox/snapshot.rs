@@ -160,6 +160,59 @@ fn page_is_zero(page: &[u8]) -> bool {
     })
 }
 
+/// Encode a guest state (as in [`Snapshot::encode_into`]) straight from its
+/// parts, e.g. from a live instance's memory, without an intermediate copy.
+pub fn encode_state(
+    module_hash: ModuleHash,
+    abi_version: u32,
+    memory: &[u8],
+    globals: &[GlobalValue],
+    out: &mut Vec<u8>,
+) {
+    assert!(
+        memory.len().is_multiple_of(PAGE_BYTES),
+        "snapshot memory is whole pages"
+    );
+    let pages = memory.len() / PAGE_BYTES;
+    let present: Vec<bool> = memory
+        .chunks_exact(PAGE_BYTES)
+        .map(|p| !page_is_zero(p))
+        .collect();
+    let stored = present.iter().filter(|&&p| p).count();
+    out.clear();
+    out.reserve(
+        HEADER_BYTES
+            + GLOBAL_BYTES * globals.len()
+            + pages.div_ceil(8)
+            + stored * PAGE_BYTES
+            + CHECKSUM_BYTES,
+    );
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&abi_version.to_le_bytes());
+    out.extend_from_slice(&module_hash.0);
+    out.extend_from_slice(&(memory.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(globals.len() as u32).to_le_bytes());
+    for g in globals {
+        out.push(g.kind().tag());
+        out.extend_from_slice(&g.bits().to_le_bytes());
+    }
+    let mut bitmap = vec![0u8; pages.div_ceil(8)];
+    for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+        bitmap[i / 8] |= 1 << (i % 8);
+    }
+    out.extend_from_slice(&bitmap);
+    for (page, _) in memory
+        .chunks_exact(PAGE_BYTES)
+        .zip(&present)
+        .filter(|(_, p)| **p)
+    {
+        out.extend_from_slice(page);
+    }
+    let checksum = xxh3_64(out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+}
+
 impl Snapshot {
     /// Digest of the state this snapshot holds.
     pub fn digest(&self) -> StateDigest {
@@ -168,50 +221,13 @@ impl Snapshot {
 
     /// Encode into `out` (cleared first).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        assert!(
-            self.memory.len() % PAGE_BYTES == 0,
-            "snapshot memory is whole pages"
+        encode_state(
+            self.module_hash,
+            self.abi_version,
+            &self.memory,
+            &self.globals,
+            out,
         );
-        let pages = self.memory.len() / PAGE_BYTES;
-        let present: Vec<bool> = self
-            .memory
-            .chunks_exact(PAGE_BYTES)
-            .map(|p| !page_is_zero(p))
-            .collect();
-        let stored = present.iter().filter(|&&p| p).count();
-        out.clear();
-        out.reserve(
-            HEADER_BYTES
-                + GLOBAL_BYTES * self.globals.len()
-                + pages.div_ceil(8)
-                + stored * PAGE_BYTES
-                + CHECKSUM_BYTES,
-        );
-        out.extend_from_slice(&SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.abi_version.to_le_bytes());
-        out.extend_from_slice(&self.module_hash.0);
-        out.extend_from_slice(&(self.memory.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
-        for g in &self.globals {
-            out.push(g.kind().tag());
-            out.extend_from_slice(&g.bits().to_le_bytes());
-        }
-        let mut bitmap = vec![0u8; pages.div_ceil(8)];
-        for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
-            bitmap[i / 8] |= 1 << (i % 8);
-        }
-        out.extend_from_slice(&bitmap);
-        for (page, _) in self
-            .memory
-            .chunks_exact(PAGE_BYTES)
-            .zip(&present)
-            .filter(|(_, p)| **p)
-        {
-            out.extend_from_slice(page);
-        }
-        let checksum = xxh3_64(out);
-        out.extend_from_slice(&checksum.to_le_bytes());
     }
 
     /// Encode.
@@ -224,6 +240,38 @@ impl Snapshot {
     /// Decode and verify an encoded snapshot. `memory_bytes_max` bounds what a
     /// (possibly hostile) file can make this host allocate.
     pub fn decode(bytes: &[u8], memory_bytes_max: u64) -> Result<Snapshot, SnapshotError> {
+        let view = SnapshotView::parse(bytes, memory_bytes_max)?;
+        let mut memory = vec![0u8; view.memory_bytes];
+        view.copy_memory_into(&mut memory);
+        Ok(Snapshot {
+            module_hash: view.module_hash,
+            abi_version: view.abi_version,
+            memory,
+            globals: view.globals,
+        })
+    }
+}
+
+/// A verified encoded snapshot, read in place: restoring from it copies each
+/// stored page once, straight into the guest's memory.
+#[derive(Debug)]
+pub struct SnapshotView<'a> {
+    pub module_hash: ModuleHash,
+    pub abi_version: u32,
+    /// Size of linear memory, bytes.
+    pub memory_bytes: usize,
+    pub globals: Vec<GlobalValue>,
+    bitmap: &'a [u8],
+    pages: &'a [u8],
+}
+
+impl<'a> SnapshotView<'a> {
+    /// Verify an encoded snapshot (magic, version, checksum, shape) without
+    /// copying its pages. `memory_bytes_max` bounds what it may claim.
+    pub fn parse(
+        bytes: &'a [u8],
+        memory_bytes_max: u64,
+    ) -> Result<SnapshotView<'a>, SnapshotError> {
         if bytes.len() >= 8 && bytes[..8] != SNAPSHOT_MAGIC {
             return Err(SnapshotError::BadMagic);
         }
@@ -237,18 +285,18 @@ impl Snapshot {
         let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
         if xxh3_64(body).to_le_bytes() != checksum {
             // A short file fails here too; say which when we can tell.
-            return Err(Self::explain_checksum_failure(body));
+            return Err(explain_checksum_failure(body));
         }
         let abi_version = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes"));
         let module_hash = ModuleHash(body[16..48].try_into().expect("32 bytes"));
         let memory_bytes = u64::from_le_bytes(body[48..56].try_into().expect("8 bytes"));
         let global_count = u32::from_le_bytes(body[56..60].try_into().expect("4 bytes")) as usize;
-        if memory_bytes % PAGE_BYTES as u64 != 0 {
+        if !memory_bytes.is_multiple_of(PAGE_BYTES as u64) {
             return Err(SnapshotError::Malformed(
                 "memory size is not a whole number of pages",
             ));
         }
-        if memory_bytes > memory_bytes_max {
+        if memory_bytes > memory_bytes_max || usize::try_from(memory_bytes).is_err() {
             return Err(SnapshotError::TooLarge {
                 bytes: memory_bytes,
                 max: memory_bytes_max,
@@ -257,7 +305,7 @@ impl Snapshot {
         if global_count > SNAPSHOT_GLOBALS_MAX {
             return Err(SnapshotError::Malformed("too many globals"));
         }
-        let pages = (memory_bytes / PAGE_BYTES as u64) as usize;
+        let pages = memory_bytes as usize / PAGE_BYTES;
         let mut at = HEADER_BYTES;
         let globals_end = at + global_count * GLOBAL_BYTES;
         let bitmap_end = globals_end + pages.div_ceil(8);
@@ -278,45 +326,59 @@ impl Snapshot {
             at += GLOBAL_BYTES;
         }
         let bitmap = &body[globals_end..bitmap_end];
-        let present = |i: usize| bitmap[i / 8] & (1 << (i % 8)) != 0;
-        let stored = (0..pages).filter(|&i| present(i)).count();
+        let stored: usize = (0..pages)
+            .filter(|&i| bitmap[i / 8] & (1 << (i % 8)) != 0)
+            .count();
         if body.len() != bitmap_end + stored * PAGE_BYTES {
             return Err(SnapshotError::Malformed(
                 "page count does not match the page map",
             ));
         }
-        let mut memory = vec![0u8; memory_bytes as usize];
-        let mut src = bitmap_end;
-        for (i, page) in memory.chunks_exact_mut(PAGE_BYTES).enumerate() {
-            if present(i) {
-                page.copy_from_slice(&body[src..src + PAGE_BYTES]);
-                src += PAGE_BYTES;
-            }
-        }
-        Ok(Snapshot {
+        Ok(SnapshotView {
             module_hash,
             abi_version,
-            memory,
+            memory_bytes: memory_bytes as usize,
             globals,
+            bitmap,
+            pages: &body[bitmap_end..],
         })
     }
 
-    fn explain_checksum_failure(body: &[u8]) -> SnapshotError {
-        let header_says = || -> Option<usize> {
-            let memory_bytes = u64::from_le_bytes(body.get(48..56)?.try_into().ok()?);
-            let globals = u32::from_le_bytes(body.get(56..60)?.try_into().ok()?) as usize;
-            let pages = usize::try_from(memory_bytes / PAGE_BYTES as u64).ok()?;
-            let minimum = HEADER_BYTES
-                .checked_add(globals.checked_mul(GLOBAL_BYTES)?)?
-                .checked_add(pages.div_ceil(8))?;
-            Some(minimum)
-        };
-        match header_says() {
-            Some(minimum) if body.len() < minimum => {
-                SnapshotError::Truncated(body.len() + CHECKSUM_BYTES)
+    /// Write the snapshot's memory into `dst` (exactly `memory_bytes` long):
+    /// stored pages are copied, the others zeroed.
+    pub fn copy_memory_into(&self, dst: &mut [u8]) {
+        assert_eq!(
+            dst.len(),
+            self.memory_bytes,
+            "destination is the snapshot's memory size"
+        );
+        let mut src = 0;
+        for (i, page) in dst.chunks_exact_mut(PAGE_BYTES).enumerate() {
+            if self.bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                page.copy_from_slice(&self.pages[src..src + PAGE_BYTES]);
+                src += PAGE_BYTES;
+            } else {
+                page.fill(0);
             }
-            _ => SnapshotError::Checksum,
         }
+    }
+}
+
+fn explain_checksum_failure(body: &[u8]) -> SnapshotError {
+    let header_says = || -> Option<usize> {
+        let memory_bytes = u64::from_le_bytes(body.get(48..56)?.try_into().ok()?);
+        let globals = u32::from_le_bytes(body.get(56..60)?.try_into().ok()?) as usize;
+        let pages = usize::try_from(memory_bytes / PAGE_BYTES as u64).ok()?;
+        let minimum = HEADER_BYTES
+            .checked_add(globals.checked_mul(GLOBAL_BYTES)?)?
+            .checked_add(pages.div_ceil(8))?;
+        Some(minimum)
+    };
+    match header_says() {
+        Some(minimum) if body.len() < minimum => {
+            SnapshotError::Truncated(body.len() + CHECKSUM_BYTES)
+        }
+        _ => SnapshotError::Checksum,
     }
 }
 

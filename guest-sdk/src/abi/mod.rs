@@ -12,6 +12,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod codec;
+
 /// The ABI version this crate implements. A guest exports `vp_abi_version`
 /// returning it; the host refuses a module whose version it does not support.
 pub const ABI_VERSION: u32 = 1;
