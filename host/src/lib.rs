@@ -3,7 +3,9 @@
 //! - [`sandbox`]: the deterministic Wasmtime sandbox (guests, snapshots, digests)
 //! - [`exec`]: `vp-host exec`, an app on one machine driven by JSON lines
 //! - [`bench`]: the sandbox benchmarks
+//! - [`net`]: libp2p connections and vp's message streams
 
 pub mod bench;
 pub mod exec;
+pub mod net;
 pub mod sandbox;
