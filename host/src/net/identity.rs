@@ -128,8 +128,8 @@ mod tests {
         let path = d.join("net.key");
         let created = create_network_key(&path).unwrap();
         assert_eq!(
-            load_network_key(&path).unwrap().fingerprint(),
-            created.fingerprint()
+            load_network_key(&path).unwrap().fingerprint().to_string(),
+            created.fingerprint().to_string()
         );
         assert!(create_network_key(&path).is_err());
         std::fs::write(d.join("bad.key"), "not a key").unwrap();

@@ -731,8 +731,8 @@ async fn swarm_task<M: Send + 'static>(
                     if let Some((_, reply)) = dials.remove(&connection_id) {
                         let _ = reply.send(Ok(peer_id));
                     }
-                    if endpoint.is_dialer() {
-                        if let Some(inner) = inner.upgrade() { inner.addresses.add(peer_id, [addr.clone()]); }
+                    if let (true, Some(inner)) = (endpoint.is_dialer(), inner.upgrade()) {
+                        inner.addresses.add(peer_id, [addr.clone()]);
                     }
                     if num_established.get() == 1 {
                         tracing::debug!(peer = %peer_id, %addr, "connected");
@@ -740,13 +740,11 @@ async fn swarm_task<M: Send + 'static>(
                         let _ = events.send(NetEvent::Connected { peer: peer_id, addr }).await;
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
-                    if num_established == 0 {
-                        tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
-                        rtts.remove(&peer_id);
-                        conn_addrs.remove(&peer_id);
-                        let _ = events.send(NetEvent::Disconnected { peer: peer_id }).await;
-                    }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                    tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                    rtts.remove(&peer_id);
+                    conn_addrs.remove(&peer_id);
+                    let _ = events.send(NetEvent::Disconnected { peer: peer_id }).await;
                 }
                 SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                     let text = error.to_string();
