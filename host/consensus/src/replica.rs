@@ -1456,6 +1456,15 @@ impl Replica {
     fn flush_proposals(&mut self) {
         let limits = self.cfg.limits.clone();
         let window_end = self.decided_below + limits.window_slots_max;
+        let decided = self.decided_below;
+        if let Some(l) = &mut self.leading {
+            // Slots decided meanwhile (learned by catch-up or a snapshot) need no vote.
+            while l.repropose.front().is_some_and(|(s, _)| *s < decided) {
+                l.repropose.pop_front();
+            }
+            l.next_slot = l.next_slot.max(decided);
+            l.inflight.retain(|s, _| *s >= decided);
+        }
         loop {
             let Some(l) = &mut self.leading else { return };
             if let Some((s, _)) = l.repropose.front() {
@@ -1816,6 +1825,11 @@ impl Replica {
             p.last_ack = Some(now);
             p.acked_round = p.acked_round.max(round);
             p.decided_below = p.decided_below.max(below);
+        }
+        if below.0 > self.decided_below {
+            // A follower knows more decided slots than we do (we were elected while
+            // behind): fetch them, or the window never opens.
+            self.request_catchup(from, false);
         }
         self.update_lease();
         self.update_reads();
