@@ -450,6 +450,7 @@ pub struct Sim {
     healed_at: Option<Time>,
     churn_at: Vec<Time>,
     failure: Option<String>,
+    read_log: Vec<(HostId, ReadId, bool)>,
     /// When false, hosts never run elections by timer (scenario tests pick leaders).
     pub auto_elect: bool,
 }
@@ -484,6 +485,7 @@ impl Sim {
             healed_at: None,
             churn_at: Vec::new(),
             failure: None,
+            read_log: Vec::new(),
             auto_elect: true,
             opts,
         };
@@ -725,6 +727,27 @@ impl Sim {
         );
         self.pump(h);
         res
+    }
+
+    /// Starts a linearizable read directly at host `h`; see [`Sim::read_outcome`].
+    pub fn read_at(&mut self, h: HostId, mode: ReadMode) -> Result<ReadId, ReadError> {
+        let now = self.now;
+        let r = self
+            .hosts
+            .get_mut(&h)
+            .and_then(|x| x.replica.as_mut())
+            .ok_or(ReadError::NotLeader { leader: None })?;
+        let res = r.read(now, mode);
+        self.pump(h);
+        res
+    }
+
+    /// `Some(true)` once host `h` reported the read ready, `Some(false)` if aborted.
+    pub fn read_outcome(&self, h: HostId, id: ReadId) -> Option<bool> {
+        self.read_log
+            .iter()
+            .find(|(x, i, _)| *x == h && *i == id)
+            .map(|(_, _, ok)| *ok)
     }
 
     /// Runs the world for `us` of simulated time (clients and, if on, faults included).
@@ -1296,12 +1319,14 @@ impl Sim {
                 Some(slot)
             }
             Apply::ReadReady { id } => {
+                self.read_log.push((h, id, true));
                 if let Some((ci, op, key)) = x.reads.remove(&id) {
                     replies.push((ci, op, x.app.get(key)));
                 }
                 None
             }
             Apply::ReadAborted { id } => {
+                self.read_log.push((h, id, false));
                 if let Some((ci, op, _)) = x.reads.remove(&id) {
                     let at = now.plus_us(1_000);
                     self.schedule(
