@@ -194,7 +194,7 @@ pub fn core(opts: BenchOptions) -> CoreBenchReport {
             let to_i = (to.0 - 1) as usize;
             let _ = replicas[to_i].handle_message(now, ids[from], m);
         }
-        if idle || iter % 64 == 0 {
+        if idle || iter.is_multiple_of(64) {
             if Instant::now() >= deadline {
                 break;
             }

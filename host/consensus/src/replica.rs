@@ -274,6 +274,7 @@ struct SnapIn {
     digest: u64,
     total: u64,
     buf: Vec<u8>,
+    last_progress: Time,
 }
 
 #[derive(Debug)]
@@ -2156,8 +2157,15 @@ impl Replica {
             .as_ref()
             .is_some_and(|s| s.slot == slot && s.digest == digest);
         if !same {
-            let newer = self.snap_in.as_ref().is_none_or(|s| slot >= s.slot);
-            if !newer {
+            // Switch to another image if it is newer, or if the partial one stalled
+            // (its sender may be gone for good).
+            let retry = self.cfg.timing.retry_us;
+            let now = self.now;
+            let switch = self
+                .snap_in
+                .as_ref()
+                .is_none_or(|s| slot >= s.slot || now.since(s.last_progress) >= retry);
+            if !switch {
                 return;
             }
             self.snap_in = Some(SnapIn {
@@ -2165,14 +2173,16 @@ impl Replica {
                 digest,
                 total,
                 buf: Vec::new(),
+                last_progress: now,
             });
         }
         let Some(si) = &mut self.snap_in else { return };
         if si.total != total {
             return;
         }
-        if offset == si.buf.len() as u64 {
+        if offset == si.buf.len() as u64 && !data.is_empty() {
             si.buf.extend_from_slice(&data);
+            si.last_progress = self.now;
         }
         let have = si.buf.len() as u64;
         self.send(

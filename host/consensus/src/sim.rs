@@ -1359,7 +1359,7 @@ impl Sim {
                 }
             }
             self.report.slots_decided = self.report.slots_decided.max(slot.0);
-            if every > 0 && slot.0 % every == 0 {
+            if every > 0 && slot.0.is_multiple_of(every) {
                 let state = x.app.encode();
                 if let Some(r) = x.replica.as_mut()
                     && let Err(e) = r.checkpoint(slot, state)
