@@ -1022,6 +1022,18 @@ impl Sim {
 
     fn net_send(&mut self, from: HostId, to: HostId, msg: Message) {
         self.report.messages_sent += 1;
+        // Every message crosses the wire format, so encoding and validation see real
+        // traffic: a legitimate message that fails to decode is a bug.
+        let msg = match Message::decode(&msg.encode(), &sim_limits()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(format!(
+                    "{from} sent a {} that does not decode: {e}",
+                    msg.kind()
+                ));
+                return;
+            }
+        };
         if self.blocked.contains_key(&(from, to)) || !self.hosts.contains_key(&to) {
             self.report.messages_dropped += 1;
             return;

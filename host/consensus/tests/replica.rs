@@ -582,3 +582,227 @@ fn log_time_never_goes_backwards_and_duplicates_are_not_applied() {
     }
     assert_eq!(fresh, 2, "the retry was answered, not applied");
 }
+
+/// Candidate h1 of a 3-voter group; `report` is what h2 says it accepted. Returns the
+/// `Accept`s h1 sends (slot, value) once it leads, after also being asked to propose.
+fn recover_with_report(report: Vec<ReportedEntry>) -> Vec<(u64, Value)> {
+    let limits = Limits::default();
+    let mut r1 = Replica::new(cfg(1, &limits), Some(membership(3)), Time(0));
+    r1.handle_timeout(Time(10_000_000));
+    let b = r1.poll_persist().expect("promise record");
+    r1.on_persisted(b.token);
+    let ballot = r1.status().promised;
+    while r1.poll_send().is_some() {}
+    r1.handle_message(
+        Time(10_000_001),
+        HostId(2),
+        Message::Promise {
+            ballot,
+            from: Slot(1),
+            log_start: Slot(1),
+            entries: report,
+            next: None,
+        },
+    )
+    .expect("valid");
+    assert!(r1.is_leader());
+    // A client command arrives too: it must never go above a kept stop-sign.
+    let _ = r1.propose(
+        Time(10_000_002),
+        Command {
+            client: ClientId(1),
+            seq: 0,
+            ack_below: 0,
+            payload: Bytes::from(vec![1]),
+        },
+    );
+    let mut accepts = Vec::new();
+    while let Some((to, m)) = r1.poll_send() {
+        if let Message::Accept { slot, value, .. } = m
+            && to == HostId(2)
+        {
+            accepts.push((slot.0, value));
+        }
+    }
+    accepts
+}
+
+fn ballot(round: u64, leader: u64) -> vp_consensus::Ballot {
+    vp_consensus::Ballot {
+        epoch: Epoch(1),
+        round,
+        leader: HostId(leader),
+    }
+}
+
+fn stop_sign() -> Value {
+    let mut m = membership(3);
+    m.epoch = Epoch(2);
+    m.voters.pop();
+    Value::Reconfigure(Arc::new(m))
+}
+
+fn some_batch() -> Value {
+    Value::Batch(Arc::new(vp_consensus::Batch {
+        stamp: Default::default(),
+        commands: vec![Command {
+            client: ClientId(9),
+            seq: 0,
+            ack_below: 0,
+            payload: Bytes::from(vec![9]),
+        }],
+    }))
+}
+
+#[test]
+fn stop_sign_overtaken_by_a_higher_ballot_above_it_becomes_a_noop() {
+    // Slot 1 holds a stop-sign from ballot r0.h2, but a later leader (r0.h3) proposed
+    // slot 2 without having seen it: the stop-sign was never chosen.
+    let accepts = recover_with_report(vec![
+        ReportedEntry {
+            slot: Slot(1),
+            ballot: ballot(0, 2),
+            value: stop_sign(),
+            decided: false,
+        },
+        ReportedEntry {
+            slot: Slot(2),
+            ballot: ballot(0, 3),
+            value: some_batch(),
+            decided: false,
+        },
+    ]);
+    assert_eq!(accepts[0], (1, Value::Noop));
+    assert_eq!(accepts[1], (2, some_batch()));
+    assert_eq!(
+        accepts.len(),
+        3,
+        "the new command follows in slot 3: {accepts:?}"
+    );
+}
+
+#[test]
+fn stop_sign_with_only_older_values_above_it_ends_the_epoch() {
+    // The stop-sign (r0.h3) is newer than the value above it (r0.h2): nothing above it
+    // can have been chosen, so the leader keeps it and proposes nothing above it.
+    let accepts = recover_with_report(vec![
+        ReportedEntry {
+            slot: Slot(1),
+            ballot: ballot(0, 3),
+            value: stop_sign(),
+            decided: false,
+        },
+        ReportedEntry {
+            slot: Slot(2),
+            ballot: ballot(0, 2),
+            value: some_batch(),
+            decided: false,
+        },
+    ]);
+    assert_eq!(accepts, vec![(1, stop_sign())]);
+}
+
+#[test]
+fn a_gap_below_reported_values_is_filled_with_a_noop() {
+    let accepts = recover_with_report(vec![ReportedEntry {
+        slot: Slot(3),
+        ballot: ballot(0, 2),
+        value: some_batch(),
+        decided: false,
+    }]);
+    assert_eq!(accepts[0], (1, Value::Noop));
+    assert_eq!(accepts[1], (2, Value::Noop));
+    assert_eq!(accepts[2], (3, some_batch()));
+}
+
+#[test]
+fn file_store_survives_a_restart_of_the_whole_group() {
+    let dir = std::env::temp_dir().join(format!("vp-consensus-{}-group", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let limits = Limits::default();
+    let mut net = Net::new(3, limits.clone());
+    let mut files: BTreeMap<HostId, vp_consensus::FileStore> = (1..=3)
+        .map(|i| {
+            (
+                HostId(i),
+                vp_consensus::FileStore::open(dir.join(i.to_string())).expect("open"),
+            )
+        })
+        .collect();
+    // Drive the group by hand, committing every replica's batches to its file store
+    // (group commit: one fsync for all batches drained at once).
+    let mut step = |net: &mut Net| {
+        for (h, r) in net.reps.iter_mut() {
+            let mut batches = Vec::new();
+            while let Some(b) = r.poll_persist() {
+                batches.push(b);
+            }
+            if let Some(t) = files
+                .get_mut(h)
+                .expect("store")
+                .commit(&batches)
+                .expect("commit")
+            {
+                r.on_persisted(t);
+            }
+            while let Some((to, m)) = r.poll_send() {
+                net.queue.push_back((*h, to, m));
+            }
+            while r.poll_apply().is_some() {}
+        }
+        let mut n = 0;
+        while let Some((from, to, m)) = net.queue.pop_front() {
+            n += 1;
+            net.reps
+                .get_mut(&to)
+                .expect("host")
+                .handle_message(net.now, from, m)
+                .expect("valid");
+        }
+        n
+    };
+    net.now = Time(10_000_000);
+    net.reps
+        .get_mut(&HostId(1))
+        .expect("h1")
+        .handle_timeout(Time(10_000_000));
+    while step(&mut net) > 0 {}
+    for seq in 0..20 {
+        net.put(1, 3, seq).expect("leader");
+    }
+    while step(&mut net) > 0 {}
+    let before: Vec<_> = net
+        .reps
+        .values()
+        .map(|r| (r.status().promised, r.decided_below()))
+        .collect();
+    drop(net);
+    for i in 1..=3u64 {
+        let mut s = vp_consensus::FileStore::open(dir.join(i.to_string())).expect("reopen");
+        let r = Replica::recover(
+            cfg(i, &limits),
+            Some(membership(3)),
+            s.load().expect("load"),
+            Time(0),
+        )
+        .expect("recover");
+        let (promised, decided) = before[(i - 1) as usize];
+        assert_eq!(r.status().promised, promised);
+        // The leader's decided watermark is durable only as far as records reached
+        // disk; followers learn the last decisions lazily, so allow them to be behind.
+        assert!(
+            r.decided_below() <= decided,
+            "{i}: {:?} vs {decided:?}",
+            r.decided_below()
+        );
+        if i == 1 {
+            assert_eq!(
+                r.decided_below(),
+                decided,
+                "the leader's own decisions are on disk"
+            );
+            assert_eq!(decided, Slot(21));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
