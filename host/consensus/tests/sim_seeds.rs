@@ -98,3 +98,44 @@ fn failure_message_names_seed_and_replay_command() {
         "{s}"
     );
 }
+
+fn variant(name: &str, opts: SimOptions, count: u64) {
+    match sim::run_many(opts, count) {
+        Ok(m) => assert_eq!(m.passed, count, "{name}: {m}"),
+        Err(f) => panic!("{name}: {f}"),
+    }
+}
+
+#[test]
+fn variant_contention_on_two_keys() {
+    let mut o = SimOptions::new(1_000_000);
+    o.clients = 8;
+    o.keys = 2;
+    variant("contention", o, 60);
+}
+
+#[test]
+fn variant_checkpoint_every_three_slots_and_never() {
+    let mut o = SimOptions::new(2_000_000);
+    o.checkpoint_every = 3;
+    variant("checkpoint every 3 slots", o, 60);
+    let mut o = SimOptions::new(3_000_000);
+    o.checkpoint_every = 0;
+    variant("no checkpoints", o, 60);
+}
+
+#[test]
+fn variant_heavy_loss_duplication_and_reordering() {
+    let mut o = SimOptions::new(4_000_000);
+    o.faults.loss_ppm = 200_000;
+    o.faults.duplicate_ppm = 100_000;
+    o.faults.long_delay_ppm = 200_000;
+    variant("20% loss, 10% duplication, 20% reordering", o, 60);
+}
+
+#[test]
+fn variant_single_voter_grown_by_churn() {
+    let mut o = SimOptions::new(5_000_000);
+    o.voters = 1;
+    variant("single founding voter", o, 60);
+}
