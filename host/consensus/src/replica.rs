@@ -1320,6 +1320,13 @@ impl Replica {
             c.max_log_start = log_start;
             c.max_log_start_host = Some(from);
         }
+        if c.reports.len() > self.cfg.limits.promise_entries_max * 16 {
+            // We are far behind (or the reporter is hostile): stop collecting, learn
+            // the decided slots first, and run again later. Giving up is always safe.
+            self.candidate = None;
+            self.request_catchup(from, true);
+            return;
+        }
         match next {
             Some(n) => self.send(from, Message::Prepare { ballot, from: n }),
             None => {
@@ -1635,6 +1642,7 @@ impl Replica {
         }
         if self.leading.is_none() {
             self.candidate = None;
+            self.stash.clear();
             self.leader_hint = Some(from);
             self.last_leader_contact = Some(self.now);
             self.election_deadline = self

@@ -397,6 +397,11 @@ struct Host {
     waiting: BTreeMap<(ClientId, u64), (usize, u64)>,
     reads: BTreeMap<ReadId, (usize, u64, u64)>,
     restart_at: Option<Time>,
+    /// This host's clock runs at (1 + drift_ppm / 10^6) times simulated time, from
+    /// the reading `clock_base` (local) taken at `clock_since` (simulated).
+    drift_ppm: i64,
+    clock_base: Time,
+    clock_since: Time,
 }
 
 struct ClientOp {
@@ -528,7 +533,11 @@ impl Sim {
     }
 
     fn add_host(&mut self, h: HostId, initial: Option<Membership>) {
-        let r = Replica::new(self.cfg(h, 0), initial.clone(), self.now);
+        // Clock rates differ by up to 20% either way: well inside the lease's stated
+        // assumption (no clock more than 2x faster than another).
+        let drift_ppm = self.rng.range(0, 400_000) as i64 - 200_000;
+        let local = self.now;
+        let r = Replica::new(self.cfg(h, 0), initial.clone(), local);
         self.hosts.insert(
             h,
             Host {
@@ -541,8 +550,31 @@ impl Sim {
                 waiting: BTreeMap::new(),
                 reads: BTreeMap::new(),
                 restart_at: None,
+                drift_ppm,
+                clock_base: local,
+                clock_since: self.now,
             },
         );
+    }
+
+    /// Host `h`'s local clock reading now.
+    fn local(&self, h: HostId) -> Time {
+        let Some(x) = self.hosts.get(&h) else {
+            return self.now;
+        };
+        let elapsed = self.now.since(x.clock_since) as i64;
+        Time(x.clock_base.0 + (elapsed + elapsed * x.drift_ppm / 1_000_000).max(0) as u64)
+    }
+
+    /// Changes how fast host `h`'s clock runs from now on (its reading stays monotone).
+    pub fn set_clock_drift(&mut self, h: HostId, drift_ppm: i64) {
+        let reading = self.local(h);
+        let now = self.now;
+        if let Some(x) = self.hosts.get_mut(&h) {
+            x.clock_base = reading;
+            x.clock_since = now;
+            x.drift_ppm = drift_ppm.max(-999_999);
+        }
     }
 
     fn schedule(&mut self, at: Time, e: Event) {
@@ -641,7 +673,8 @@ impl Sim {
             }
             self.cfg(h, host.incarnation)
         };
-        let now = self.now;
+        let now = self.local(h);
+        let global_now = self.now;
         let Some(host) = self.hosts.get_mut(&h) else {
             return;
         };
@@ -657,7 +690,7 @@ impl Sim {
         match Replica::recover(cfg, host.initial.clone(), rec, now) {
             Ok(r) => {
                 host.replica = Some(r);
-                host.disk_free_at = now;
+                host.disk_free_at = global_now;
             }
             Err(e) => {
                 let msg = format!("{h}: recovery failed: {e}");
@@ -670,7 +703,7 @@ impl Sim {
 
     /// Forces host `h` to run for election now.
     pub fn elect(&mut self, h: HostId) {
-        let now = self.now;
+        let now = self.local(h);
         if let Some(r) = self.hosts.get_mut(&h).and_then(|x| x.replica.as_mut()) {
             r.handle_timeout(Time(now.0 + 10_000_000));
         }
@@ -687,10 +720,10 @@ impl Sim {
 
     /// Asks the leader for a membership change.
     pub fn reconfigure(&mut self, change: MembershipChange) -> Result<(), ProposeError> {
-        let now = self.now;
         let Some(l) = self.leader() else {
             return Err(ProposeError::NotLeader { leader: None });
         };
+        let now = self.local(l);
         let r = self
             .hosts
             .get_mut(&l)
@@ -710,7 +743,7 @@ impl Sim {
         key: u64,
         value: u64,
     ) -> Result<(), ProposeError> {
-        let now = self.now;
+        let now = self.local(h);
         let r = self
             .hosts
             .get_mut(&h)
@@ -731,7 +764,7 @@ impl Sim {
 
     /// Starts a linearizable read directly at host `h`; see [`Sim::read_outcome`].
     pub fn read_at(&mut self, h: HostId, mode: ReadMode) -> Result<ReadId, ReadError> {
-        let now = self.now;
+        let now = self.local(h);
         let r = self
             .hosts
             .get_mut(&h)
@@ -865,15 +898,16 @@ impl Sim {
         // Timers.
         let ids = self.host_ids();
         for h in &ids {
+            let local = self.local(*h);
             let due = self
                 .hosts
                 .get(h)
                 .and_then(|x| x.replica.as_ref())
                 .and_then(|r| r.poll_timeout())
-                .is_some_and(|t| t <= now);
+                .is_some_and(|t| t <= local);
             if due && self.auto_elect {
                 if let Some(r) = self.hosts.get_mut(h).and_then(|x| x.replica.as_mut()) {
-                    r.handle_timeout(now);
+                    r.handle_timeout(local);
                 }
                 self.pump(*h);
             } else if due {
@@ -887,7 +921,7 @@ impl Sim {
                     });
                 if !is_member_follower {
                     if let Some(r) = self.hosts.get_mut(h).and_then(|x| x.replica.as_mut()) {
-                        r.handle_timeout(now);
+                        r.handle_timeout(local);
                     }
                     self.pump(*h);
                 }
@@ -999,9 +1033,10 @@ impl Sim {
                 add: HostId(self.next_host),
             }
         };
+        let local = self.local(l);
         let r = self.hosts.get_mut(&l).and_then(|x| x.replica.as_mut());
         let Some(r) = r else { return };
-        match r.reconfigure(now, change) {
+        match r.reconfigure(local, change) {
             Ok(()) => {
                 self.churn_at.remove(0);
                 if matches!(
@@ -1081,7 +1116,7 @@ impl Sim {
                     self.report.messages_dropped += 1;
                     return;
                 }
-                let now = self.now;
+                let now = self.local(to);
                 let Some(r) = self.hosts.get_mut(&to).and_then(|x| x.replica.as_mut()) else {
                     return;
                 };
@@ -1414,7 +1449,7 @@ impl Sim {
     }
 
     fn host_request(&mut self, to: HostId, client: usize, op: u64, req: ReqKind) {
-        let now = self.now;
+        let now = self.local(to);
         let cid = self.clients[client].id;
         let Some(x) = self.hosts.get_mut(&to) else {
             return;
@@ -1451,7 +1486,7 @@ impl Sim {
         if let Some(hint) = hint
             && let Some(d) = self.client_link_delay()
         {
-            let at = now.plus_us(d);
+            let at = self.now.plus_us(d);
             self.schedule(
                 at,
                 Event::ToClient {

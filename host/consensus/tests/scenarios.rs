@@ -238,3 +238,35 @@ fn lease_holds_off_a_new_leader_until_it_expires() {
         s.leader().is_some_and(|l| l != old)
     });
 }
+
+/// The lease is only as good as its clock assumption. With the old leader's clock
+/// running at a fifth of real speed (far outside "no clock more than 2x faster than
+/// another"), its lease outlives the followers' stickiness and it serves a stale read:
+/// this test shows the assumption is real (and that a stale read is observable here).
+/// `ReadIndex` needs no such assumption (see the test above).
+#[test]
+fn lease_beyond_its_clock_assumption_serves_stale_data() {
+    let (mut sim, old, others) = quiet_cluster(6);
+    sim.propose_put(old, 900, 1, 7, 1).expect("leader");
+    run(&mut sim, 100_000);
+    sim.set_clock_drift(old, -800_000);
+    sim.isolate(&[old]);
+    run_until(&mut sim, 3_000_000, "a new leader", |s| {
+        s.leader().is_some_and(|l| l != old)
+    });
+    let new = sim.leader().expect("new leader");
+    sim.propose_put(new, 901, 1, 7, 2).expect("new leader");
+    run_until(&mut sim, 1_000_000, "the overwrite applied", |s| {
+        s.app(others[0]).is_some_and(|a| a.get(7) == 2)
+    });
+    let read = sim
+        .read_at(old, ReadMode::Lease)
+        .expect("the old leader still believes it leads");
+    run(&mut sim, 1_000);
+    assert_eq!(
+        sim.read_outcome(old, read),
+        Some(true),
+        "served under a lease that is not valid"
+    );
+    assert_eq!(sim.app(old).map(|a| a.get(7)), Some(1), "stale value");
+}
