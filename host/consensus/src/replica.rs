@@ -336,6 +336,9 @@ pub struct Replica {
 
     leader_hint: Option<HostId>,
     last_leader_contact: Option<Time>,
+    /// No promise to a new candidate before this time (set on restart: a replica that
+    /// forgot when it last heard from the leader must not help end that leader's lease).
+    sticky_until: Time,
     jitter_us: u64,
     election_deadline: Time,
     max_round: u64,
@@ -408,6 +411,7 @@ impl Replica {
             catchup_asked: None,
             leader_hint: None,
             last_leader_contact: None,
+            sticky_until: Time(0),
             jitter_us,
             election_deadline,
             max_round: 0,
@@ -497,6 +501,9 @@ impl Replica {
         if r.promised.epoch == r.epoch() {
             r.max_round = r.max_round.max(r.promised.round);
         }
+        // We may have acknowledged a leader's heartbeat just before the crash: stay
+        // loyal for an election timeout, as if we had just heard from it.
+        r.sticky_until = now.plus_us(r.cfg.timing.election_timeout_us);
         // Replay produced no new durable state worth writing back.
         r.pending_records.clear();
         r.pending_sync = false;
@@ -1186,6 +1193,9 @@ impl Replica {
                 && h != from
                 && self.now.since(t) < self.cfg.timing.election_timeout_us
             {
+                return;
+            }
+            if self.now < self.sticky_until && self.leader_hint != Some(from) {
                 return;
             }
             self.adopt_promise(ballot);

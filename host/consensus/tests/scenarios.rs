@@ -270,3 +270,47 @@ fn lease_beyond_its_clock_assumption_serves_stale_data() {
     );
     assert_eq!(sim.app(old).map(|a| a.get(7)), Some(1), "stale value");
 }
+
+/// A follower that restarts forgets that it recently heard from the leader. If it then
+/// promised a new candidate at once, the old leader's lease (which counted that
+/// follower) would still be running while a new leader commits writes. A restarted
+/// replica therefore refuses to promise anyone for an election timeout.
+#[test]
+fn restarted_follower_does_not_break_the_lease() {
+    let (mut sim, old, others) = quiet_cluster(7);
+    let (a, b) = (others[0], others[1]);
+    sim.propose_put(old, 900, 1, 7, 1).expect("leader");
+    run(&mut sim, 100_000);
+    // b loses the leader (and runs for election); a keeps acknowledging the leader.
+    sim.block(old, b);
+    sim.block(b, old);
+    run(&mut sim, 50_000);
+    sim.elect(b);
+    run(&mut sim, 2_000);
+    // a crashes and comes straight back; the leader's lease still counts its last ack.
+    sim.crash(a);
+    sim.restart(a);
+    // ... and from now on its refusals to the old leader are lost.
+    sim.block(a, old);
+    let read_time_limit = sim.now().0 + 30_000;
+    let mut stale = false;
+    while sim.now().0 < read_time_limit {
+        run(&mut sim, 1_000);
+
+        if let Some(l) = sim.leader()
+            && l != old
+        {
+            let _ = sim.propose_put(l, 901, 1, 7, 2);
+        }
+        if sim.app(a).is_some_and(|x| x.get(7) == 2) || sim.app(b).is_some_and(|x| x.get(7) == 2) {
+            // A write committed elsewhere: a lease read at the old leader now is stale.
+            if let Ok(id) = sim.read_at(old, ReadMode::Lease) {
+                run(&mut sim, 1_000);
+                stale |= sim.read_outcome(old, id) == Some(true)
+                    && sim.app(old).is_some_and(|x| x.get(7) == 1);
+            }
+            break;
+        }
+    }
+    assert!(!stale, "the old leader served a stale lease read");
+}
