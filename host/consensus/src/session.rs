@@ -74,7 +74,12 @@ impl SessionTable {
         if cmd.ack_below > s.floor {
             s.floor = cmd.ack_below;
             // Drop replies the client has acknowledged.
-            s.replies = s.replies.split_off(&s.floor);
+            while let Some(e) = s.replies.first_entry() {
+                if *e.key() >= s.floor {
+                    break;
+                }
+                e.remove();
+            }
         }
         if cmd.seq < s.floor {
             return Outcome::Duplicate(Reply::Forgotten);
