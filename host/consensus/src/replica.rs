@@ -2220,6 +2220,11 @@ impl Replica {
             }
             if let Ok(img) = SnapshotImage::decode(&bytes)
                 && img.slot == si.slot
+                && img.slot.0 < u64::MAX / 2
+                && img.epoch_start.0 <= img.slot.0 + 1
+                && !img.membership.voters.is_empty()
+                && img.membership.voters.len() <= self.cfg.limits.voters_max
+                && img.membership.learners.len() <= self.cfg.limits.learners_max
             {
                 let file = SnapshotFile {
                     slot: img.slot,

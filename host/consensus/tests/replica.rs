@@ -806,3 +806,52 @@ fn file_store_survives_a_restart_of_the_whole_group() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn hostile_snapshot_images_are_dropped_without_panic() {
+    let limits = Limits::default();
+    let mut joiner = Replica::new(cfg(4, &limits), None, Time(0));
+    let send = |r: &mut Replica, image: Vec<u8>, slot: u64| {
+        let digest = xxhash_rust::xxh3::xxh3_64(&image);
+        r.handle_message(
+            Time(1),
+            HostId(1),
+            Message::SnapshotChunk {
+                slot: Slot(slot),
+                digest,
+                total_bytes: image.len() as u64,
+                offset: 0,
+                data: Bytes::from(image),
+            },
+        )
+    };
+    // Bytes that are not an image at all.
+    send(&mut joiner, vec![0xff; 100], 5).expect("valid framing");
+    // A well-formed image claiming an absurd slot.
+    let img = vp_consensus::SnapshotImage {
+        slot: Slot(u64::MAX - 1),
+        membership: membership(3),
+        epoch_start: Slot(1),
+        sessions: Default::default(),
+        time_ms: 0,
+        app_digest: xxhash_rust::xxh3::xxh3_64(&[]),
+        app_state: Bytes::default(),
+    };
+    send(&mut joiner, img.encode(), u64::MAX - 1).expect("valid framing");
+    // A digest that does not match the bytes.
+    joiner
+        .handle_message(
+            Time(2),
+            HostId(1),
+            Message::SnapshotChunk {
+                slot: Slot(9),
+                digest: 1,
+                total_bytes: 3,
+                offset: 0,
+                data: Bytes::from(vec![1, 2, 3]),
+            },
+        )
+        .expect("valid framing");
+    assert!(joiner.poll_apply().is_none(), "nothing installed");
+    assert_eq!(joiner.epoch(), Epoch(0));
+}
