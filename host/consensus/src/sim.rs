@@ -312,10 +312,13 @@ impl KvCmd {
     }
 }
 
-/// The replicated application of the simulator.
+/// The replicated application of the simulator. Puts reply at once; gets reply
+/// asynchronously, when the next batch is applied (like an async guest), so the
+/// session table's "pending" path is exercised. Deferred replies are application state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvApp {
     pub data: BTreeMap<u64, u64>,
+    pub deferred: Vec<(ClientId, u64, u64)>,
 }
 
 impl KvApp {
@@ -330,13 +333,18 @@ impl KvApp {
         self.data.get(&key).copied().unwrap_or(0)
     }
     pub fn encode(&self) -> Bytes {
-        Bytes::from(postcard::to_allocvec(&self.data).expect("encoding into memory cannot fail"))
+        Bytes::from(
+            postcard::to_allocvec(&(&self.data, &self.deferred))
+                .expect("encoding into memory cannot fail"),
+        )
     }
     pub fn decode(b: &[u8]) -> Option<KvApp> {
         if b.is_empty() {
             return Some(KvApp::default());
         }
-        postcard::from_bytes(b).ok().map(|data| KvApp { data })
+        postcard::from_bytes(b)
+            .ok()
+            .map(|(data, deferred)| KvApp { data, deferred })
     }
     pub fn digest(&self) -> u64 {
         xxhash_rust::xxh3::xxh3_64(&self.encode())
@@ -1304,6 +1312,22 @@ impl Sim {
                 } else {
                     self.checker.outcomes.insert(slot.0, outcomes.clone());
                 }
+                // Replies the application produced since the last batch are recorded
+                // now: the same point in the log on every host.
+                let Some(x) = self.hosts.get_mut(&h) else {
+                    return;
+                };
+                for (client, seq, v) in std::mem::take(&mut x.app.deferred) {
+                    if let Some(r) = x.replica.as_mut()
+                        && let Err(e) = r.record_reply(client, seq, reply_bytes(v))
+                    {
+                        self.fail(format!("record_reply failed: {e}"));
+                        return;
+                    }
+                    if let Some((ci, op)) = x.waiting.remove(&(client, seq)) {
+                        replies.push((ci, op, v));
+                    }
+                }
                 for (c, o) in batch.commands.iter().zip(&outcomes) {
                     let Some(x) = self.hosts.get_mut(&h) else {
                         return;
@@ -1314,7 +1338,10 @@ impl Sim {
                                 continue;
                             };
                             let v = x.app.apply(cmd);
-                            if let Some(r) = x.replica.as_mut()
+                            let deferred = matches!(cmd, KvCmd::Get { .. });
+                            if deferred {
+                                x.app.deferred.push((c.client, c.seq, v));
+                            } else if let Some(r) = x.replica.as_mut()
                                 && let Err(e) = r.record_reply(c.client, c.seq, reply_bytes(v))
                             {
                                 self.fail(format!("record_reply failed: {e}"));
@@ -1332,7 +1359,7 @@ impl Sim {
                                     self.checker.fresh.insert((c.client, c.seq), slot.0);
                                 }
                             }
-                            Some(v)
+                            if deferred { None } else { Some(v) }
                         }
                         Outcome::Duplicate(Reply::Cached(b)) => reply_value(b),
                         Outcome::Duplicate(Reply::Pending) => None,
