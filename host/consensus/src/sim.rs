@@ -41,6 +41,9 @@ pub struct Faults {
     pub crash_ppm: u32,
     /// Per millisecond: a host's next disk write fails (the host then stops).
     pub disk_fail_ppm: u32,
+    /// Per millisecond: a host freezes (a long GC pause or a stopped VM) for up to
+    /// 600 ms, then resumes with its old state and a backlog of input: zombie leaders.
+    pub pause_ppm: u32,
     /// Membership changes requested during the run.
     pub churn_events_max: u32,
 }
@@ -55,6 +58,7 @@ impl Faults {
             partition_ppm: 1_500,
             crash_ppm: 1_000,
             disk_fail_ppm: 200,
+            pause_ppm: 800,
             churn_events_max: 3,
         }
     }
@@ -67,6 +71,7 @@ impl Faults {
             partition_ppm: 0,
             crash_ppm: 0,
             disk_fail_ppm: 0,
+            pause_ppm: 0,
             churn_events_max: 0,
         }
     }
@@ -410,6 +415,8 @@ struct Host {
     drift_ppm: i64,
     clock_base: Time,
     clock_since: Time,
+    /// Frozen until then: input waits, timers do not run.
+    paused_until: Option<Time>,
 }
 
 struct ClientOp {
@@ -561,8 +568,25 @@ impl Sim {
                 drift_ppm,
                 clock_base: local,
                 clock_since: self.now,
+                paused_until: None,
             },
         );
+    }
+
+    /// If host `h` is frozen, until when.
+    fn paused(&self, h: HostId) -> Option<Time> {
+        self.hosts
+            .get(&h)
+            .and_then(|x| x.paused_until)
+            .filter(|t| *t > self.now)
+    }
+
+    /// Freezes host `h` for `us` of simulated time (it keeps its state).
+    pub fn pause(&mut self, h: HostId, us: u64) {
+        let until = self.now.plus_us(us);
+        if let Some(x) = self.hosts.get_mut(&h) {
+            x.paused_until = Some(until);
+        }
     }
 
     /// Host `h`'s local clock reading now.
@@ -906,6 +930,9 @@ impl Sim {
         // Timers.
         let ids = self.host_ids();
         for h in &ids {
+            if self.paused(*h).is_some() {
+                continue;
+            }
             let local = self.local(*h);
             let due = self
                 .hosts
@@ -972,6 +999,12 @@ impl Sim {
                     x.restart_at = Some(now.plus_us(back));
                 }
             }
+        }
+        if self.rng.chance(f.pause_ppm)
+            && let Some(&h) = self.rng.pick(&ids)
+        {
+            let us = self.rng.range(50_000, 600_000);
+            self.pause(h, us);
         }
         if self.rng.chance(f.disk_fail_ppm)
             && let Some(&h) = self.rng.pick(&ids)
@@ -1118,6 +1151,17 @@ impl Sim {
     }
 
     fn handle_event(&mut self, e: Event) {
+        let target = match &e {
+            Event::Net { to, .. } | Event::ToHost { to, .. } => Some(*to),
+            Event::Disk { host, .. } => Some(*host),
+            Event::ToClient { .. } => None,
+        };
+        if let Some(h) = target
+            && let Some(until) = self.paused(h)
+        {
+            self.schedule(until, e);
+            return;
+        }
         match e {
             Event::Net { from, to, msg } => {
                 if self.blocked.contains_key(&(from, to)) {

@@ -855,3 +855,45 @@ fn hostile_snapshot_images_are_dropped_without_panic() {
     assert!(joiner.poll_apply().is_none(), "nothing installed");
     assert_eq!(joiner.epoch(), Epoch(0));
 }
+
+#[test]
+fn an_acceptor_never_accepts_below_its_promise() {
+    let mut r2 = Replica::new(cfg(2, &Limits::default()), Some(membership(3)), Time(0));
+    let (low, high) = (ballot(1, 1), ballot(2, 3));
+    r2.handle_message(
+        Time(1),
+        HostId(3),
+        Message::Prepare {
+            ballot: high,
+            from: Slot(1),
+        },
+    )
+    .expect("valid");
+    let b = r2.poll_persist().expect("promise");
+    r2.on_persisted(b.token);
+    while r2.poll_send().is_some() {}
+    // A zombie leader of a lower ballot tries to get a value accepted.
+    r2.handle_message(
+        Time(2),
+        HostId(1),
+        Message::Accept {
+            ballot: low,
+            slot: Slot(1),
+            value: some_batch(),
+            decided_below: Slot(1),
+        },
+    )
+    .expect("valid");
+    assert!(r2.poll_persist().is_none(), "nothing written");
+    let sent: Vec<_> = std::iter::from_fn(|| r2.poll_send()).collect();
+    assert_eq!(
+        sent,
+        vec![(
+            HostId(1),
+            Message::Nack {
+                ballot: low,
+                promised: high
+            }
+        )]
+    );
+}
