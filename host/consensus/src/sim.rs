@@ -1652,11 +1652,23 @@ impl Sim {
             }
             return;
         };
+        // A third of reads go to any host: a zombie that still believes it leads gets
+        // asked too, which is where stale reads would show.
+        let is_read = matches!(
+            self.clients[i].op.as_ref().map(|o| &o.req),
+            Some(ReqKind::Read { .. })
+        );
+        let stray = if is_read && self.rng.chance(330_000) {
+            let ids = self.host_ids();
+            self.rng.pick(&ids).copied()
+        } else {
+            None
+        };
         let c = &mut self.clients[i];
         let Some(op) = &mut c.op else { return };
         op.sent_at = now;
         let ev = Event::ToHost {
-            to: c.target,
+            to: stray.unwrap_or(c.target),
             client: i,
             op: op.id,
             req: op.req.clone(),
