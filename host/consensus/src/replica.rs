@@ -786,6 +786,17 @@ impl Replica {
         self.after_input();
     }
 
+    /// Runs for election now instead of waiting for the election timeout (a voter only;
+    /// for leadership transfer or tests). Acceptors that still hear from a live leader
+    /// will ignore it.
+    pub fn campaign(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        if self.leading.is_none() && self.membership.is_voter(self.cfg.id) {
+            self.start_election();
+        }
+        self.after_input();
+    }
+
     /// Queues a client command at the leader. It goes out in the next slot the pipeline
     /// window allows, batched with whatever else queued meanwhile.
     pub fn propose(&mut self, now: Time, cmd: Command) -> Result<(), ProposeError> {

@@ -471,6 +471,8 @@ pub struct Sim {
     churn_at: Vec<Time>,
     failure: Option<String>,
     read_log: Vec<(HostId, ReadId, bool)>,
+    /// Scripted losses: (from, to, message kind) -> how many more to drop.
+    drops: BTreeMap<(HostId, HostId, &'static str), u32>,
     /// When false, hosts never run elections by timer (scenario tests pick leaders).
     pub auto_elect: bool,
 }
@@ -506,6 +508,7 @@ impl Sim {
             churn_at: Vec::new(),
             failure: None,
             read_log: Vec::new(),
+            drops: BTreeMap::new(),
             auto_elect: true,
             opts,
         };
@@ -672,6 +675,11 @@ impl Sim {
         }
     }
 
+    /// Drops the next `count` messages of `kind` (see `Message::kind`) sent from `a` to `b`.
+    pub fn drop_next(&mut self, a: HostId, b: HostId, kind: &'static str, count: u32) {
+        self.drops.insert((a, b, kind), count);
+    }
+
     pub fn heal_network(&mut self) {
         self.blocked.clear();
     }
@@ -737,7 +745,7 @@ impl Sim {
     pub fn elect(&mut self, h: HostId) {
         let now = self.local(h);
         if let Some(r) = self.hosts.get_mut(&h).and_then(|x| x.replica.as_mut()) {
-            r.handle_timeout(Time(now.0 + 10_000_000));
+            r.campaign(now);
         }
         self.pump(h);
     }
@@ -1111,6 +1119,13 @@ impl Sim {
             }
         };
         if self.blocked.contains_key(&(from, to)) || !self.hosts.contains_key(&to) {
+            self.report.messages_dropped += 1;
+            return;
+        }
+        if let Some(n) = self.drops.get_mut(&(from, to, msg.kind()))
+            && *n > 0
+        {
+            *n -= 1;
             self.report.messages_dropped += 1;
             return;
         }

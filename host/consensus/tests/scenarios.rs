@@ -314,3 +314,42 @@ fn restarted_follower_does_not_break_the_lease() {
     }
     assert!(!stale, "the old leader served a stale lease read");
 }
+
+/// Regression for the bug seed 460 found (under an earlier version of the simulator,
+/// whose runs the current one no longer reproduces): a host elected while behind the
+/// others' truncated logs lost its one catch-up request and never asked again, so its
+/// pipeline window never opened. Now a leader asks whenever a heartbeat ack shows a
+/// follower decided more than it did.
+#[test]
+fn leader_elected_while_behind_catches_up_after_its_request_is_lost() {
+    let (mut sim, old, others) = quiet_cluster(8);
+    let (b, c) = (others[0], others[1]);
+    sim.isolate(&[c]);
+    sim.pause_clients(false);
+    run(&mut sim, 1_500_000);
+    sim.pause_clients(true);
+    run(&mut sim, 300_000);
+    let ahead = sim.replica(b).map(|r| r.decided_below()).expect("b");
+    let b_log_start = sim.replica(b).map(|r| r.status().log_start).expect("b");
+    let behind = sim.replica(c).map(|r| r.decided_below()).expect("c");
+    assert!(b_log_start > behind, "b truncated the slots c lacks");
+
+    // The leader dies; only c runs for election, and wins with b's promise.
+    sim.auto_elect = false;
+    sim.crash(old);
+    run(&mut sim, 300_000);
+    sim.heal_network();
+    // Its first catch-up request is lost.
+    sim.drop_next(c, b, "catchup_request", 1);
+    sim.elect(c);
+    run_until(&mut sim, 100_000, "c leads", |s| {
+        s.replica(c).is_some_and(|r| r.is_leader())
+    });
+    run_until(&mut sim, 2_000_000, "the new leader caught up", |s| {
+        s.replica(c).is_some_and(|r| r.decided_below() >= ahead)
+    });
+    sim.propose_put(c, 77, 1, 1, 4242).expect("c leads");
+    run_until(&mut sim, 1_000_000, "a new command decided", |s| {
+        s.app(b).is_some_and(|a| a.get(1) == 4242)
+    });
+}
