@@ -4,7 +4,9 @@
 //! - [`exec`]: `vp-host exec`, an app on one machine driven by JSON lines
 //! - [`bench`]: the sandbox benchmarks
 //! - [`net`]: libp2p connections and vp's message streams
+//! - [`api`]: the daemon's local control API and its client
 
+pub mod api;
 pub mod bench;
 pub mod exec;
 pub mod net;

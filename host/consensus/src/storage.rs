@@ -1,0 +1,392 @@
+//! Durable storage for a replica: the [`Storage`] trait and three implementations.
+//!
+//! The replica never calls storage itself; the caller moves each
+//! [`PersistBatch`](crate::record::PersistBatch) from `poll_persist` into a store and
+//! then acknowledges it with `Replica::on_persisted`.
+//!
+//! # Atomic write contract
+//!
+//! - `append` writes whole records. After a crash, `load` returns a prefix of the
+//!   records appended (never a torn or corrupt record, never a gap), and every record
+//!   appended before the last successful `sync` is in that prefix.
+//! - `save_snapshot` is atomic and durable when it returns: `load` returns either the
+//!   previous snapshot or the new one, whole.
+//! - `compact` is atomic and durable when it returns: `load` returns either the old log
+//!   or the log without records about slots below the bound.
+
+use crate::record::{PersistBatch, Record, Recovered, SnapshotFile};
+use crate::rng::Rng;
+use crate::types::{Bytes, Slot};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A storage failure. The replica's state is then unknown to the disk: the caller must
+/// stop this replica and restart it from `load` (fail-stop).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt snapshot file {0}")]
+    CorruptSnapshot(PathBuf),
+    #[error("record of {0} bytes exceeds record_bytes_max")]
+    RecordTooLarge(usize),
+    #[error("injected write failure")]
+    Injected,
+}
+
+/// Durable state of one replica. See the module documentation for the contract.
+pub trait Storage {
+    fn append(&mut self, records: &[Record]) -> Result<(), StorageError>;
+    fn sync(&mut self) -> Result<(), StorageError>;
+    fn save_snapshot(&mut self, snap: &SnapshotFile) -> Result<(), StorageError>;
+    fn compact(&mut self, below: Slot) -> Result<(), StorageError>;
+    fn load(&mut self) -> Result<Recovered, StorageError>;
+
+    /// Writes one batch in the order the contract requires, without syncing.
+    fn write_batch(&mut self, b: &PersistBatch) -> Result<(), StorageError> {
+        self.append(&b.records)?;
+        if let Some(s) = &b.snapshot {
+            self.save_snapshot(s)?;
+        }
+        if let Some(below) = b.compact_below {
+            self.compact(below)?;
+        }
+        Ok(())
+    }
+
+    /// Group commit: writes every batch, then one sync if any batch needs it. Returns
+    /// the token to pass to `Replica::on_persisted`, if any batch was given.
+    fn commit(&mut self, batches: &[PersistBatch]) -> Result<Option<u64>, StorageError> {
+        for b in batches {
+            self.write_batch(b)?;
+        }
+        if batches.iter().any(|b| b.must_sync) {
+            self.sync()?;
+        }
+        Ok(batches.last().map(|b| b.token))
+    }
+}
+
+/// Keeps only what recovery needs: records about slots at or above `below`, and the
+/// last promise and decided watermark.
+fn compact_records(records: Vec<Record>, below: Slot) -> Vec<Record> {
+    let last_promise = records
+        .iter()
+        .rposition(|r| matches!(r, Record::Promise { .. }));
+    let last_decided = records
+        .iter()
+        .rposition(|r| matches!(r, Record::Decided { .. }));
+    records
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| match r.slot() {
+            Some(s) => s >= below,
+            None => Some(*i) == last_promise || Some(*i) == last_decided,
+        })
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// In-memory store: everything is durable at once. For tests and the benchmark.
+#[derive(Debug, Default, Clone)]
+pub struct MemStore {
+    pub records: Vec<Record>,
+    pub snapshot: Option<Bytes>,
+}
+
+impl Storage for MemStore {
+    fn append(&mut self, records: &[Record]) -> Result<(), StorageError> {
+        self.records.extend_from_slice(records);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn save_snapshot(&mut self, snap: &SnapshotFile) -> Result<(), StorageError> {
+        self.snapshot = Some(snap.image.clone());
+        Ok(())
+    }
+    fn compact(&mut self, below: Slot) -> Result<(), StorageError> {
+        self.records = compact_records(std::mem::take(&mut self.records), below);
+        Ok(())
+    }
+    fn load(&mut self) -> Result<Recovered, StorageError> {
+        Ok(Recovered {
+            snapshot: self.snapshot.clone(),
+            records: self.records.clone(),
+        })
+    }
+}
+
+/// A store for the simulator that models a disk with a volatile write cache.
+/// `crash` loses unsynced records (keeping a random prefix of them, since a disk may
+/// have written some), and `fail_next_write` makes the next write fail.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStore {
+    synced: Vec<Record>,
+    unsynced: Vec<Record>,
+    snapshot: Option<Bytes>,
+    fail_next: bool,
+    /// Counters for reports.
+    pub syncs: u64,
+    pub lost_records: u64,
+}
+
+impl FaultStore {
+    pub fn new() -> FaultStore {
+        FaultStore::default()
+    }
+
+    /// Simulates power loss: unsynced records are lost, except a random prefix.
+    pub fn crash(&mut self, rng: &mut Rng) {
+        let keep = rng.below(self.unsynced.len() as u64 + 1) as usize;
+        self.lost_records += (self.unsynced.len() - keep) as u64;
+        let kept: Vec<Record> = self.unsynced.drain(..keep).collect();
+        self.unsynced.clear();
+        self.synced.extend(kept);
+        self.fail_next = false;
+    }
+
+    /// The next append, sync, snapshot or compaction fails.
+    pub fn fail_next_write(&mut self) {
+        self.fail_next = true;
+    }
+
+    fn check_fail(&mut self) -> Result<(), StorageError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(StorageError::Injected);
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FaultStore {
+    fn append(&mut self, records: &[Record]) -> Result<(), StorageError> {
+        self.check_fail()?;
+        self.unsynced.extend_from_slice(records);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.check_fail()?;
+        self.syncs += 1;
+        self.synced.append(&mut self.unsynced);
+        Ok(())
+    }
+    fn save_snapshot(&mut self, snap: &SnapshotFile) -> Result<(), StorageError> {
+        self.check_fail()?;
+        self.snapshot = Some(snap.image.clone());
+        Ok(())
+    }
+    fn compact(&mut self, below: Slot) -> Result<(), StorageError> {
+        self.check_fail()?;
+        // A real compaction rewrites and syncs the whole log.
+        self.synced.append(&mut self.unsynced);
+        self.synced = compact_records(std::mem::take(&mut self.synced), below);
+        Ok(())
+    }
+    fn load(&mut self) -> Result<Recovered, StorageError> {
+        let mut records = self.synced.clone();
+        records.extend(self.unsynced.iter().cloned());
+        Ok(Recovered {
+            snapshot: self.snapshot.clone(),
+            records,
+        })
+    }
+}
+
+const RECORD_BYTES_MAX: usize = 1 << 30;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"vpsnap01";
+
+/// The default store: a directory holding an append-only log file (`log`) and the
+/// latest snapshot (`snapshot`).
+///
+/// Log framing: `[len: u32 LE][crc32c(payload): u32 LE][payload: postcard Record]`.
+/// Recovery reads frames until the first short or corrupt one, then truncates the file
+/// there (a torn tail from a crash), so later appends follow the last good record.
+/// Snapshot file: `[magic][len: u64 LE][crc32c: u32 LE][image]`, written to
+/// `snapshot.tmp`, fsynced, renamed over `snapshot`, and the directory fsynced.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    log: File,
+    buf: Vec<u8>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), StorageError> {
+    let payload = postcard::to_allocvec(rec).expect("encoding a record into memory cannot fail");
+    if payload.len() > RECORD_BYTES_MAX {
+        return Err(StorageError::RecordTooLarge(payload.len()));
+    }
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(())
+}
+
+/// Parses frames; returns the records and the length of the intact prefix.
+fn parse_log(data: &[u8]) -> (Vec<Record>, usize) {
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    while data.len() - pos >= 8 {
+        let len =
+            u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let crc = u32::from_le_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
+        let Some(end) = (pos + 8).checked_add(len) else {
+            break;
+        };
+        if len > RECORD_BYTES_MAX || end > data.len() {
+            break;
+        }
+        let payload = &data[pos + 8..end];
+        if crc32c::crc32c(payload) != crc {
+            break;
+        }
+        match postcard::from_bytes::<Record>(payload) {
+            Ok(r) => records.push(r),
+            Err(_) => break,
+        }
+        pos = end;
+    }
+    (records, pos)
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join("log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(FileStore {
+            dir,
+            log,
+            buf: Vec::new(),
+        })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    fn read_log(&self) -> Result<(Vec<Record>, usize, u64), StorageError> {
+        let path = self.log_path();
+        let mut data = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(io_err(&path))?;
+        let (records, good) = parse_log(&data);
+        Ok((records, good, data.len() as u64))
+    }
+
+    fn write_atomically(&self, name: &str, data: &[u8]) -> Result<(), StorageError> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let dst = self.dir.join(name);
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(data).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        fsync_dir(&self.dir)
+    }
+}
+
+impl Storage for FileStore {
+    fn append(&mut self, records: &[Record]) -> Result<(), StorageError> {
+        self.buf.clear();
+        for r in records {
+            frame(r, &mut self.buf)?;
+        }
+        let path = self.log_path();
+        self.log.write_all(&self.buf).map_err(io_err(&path))
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let path = self.log_path();
+        self.log.sync_data().map_err(io_err(&path))
+    }
+
+    fn save_snapshot(&mut self, snap: &SnapshotFile) -> Result<(), StorageError> {
+        let mut data = Vec::with_capacity(snap.image.len() + 20);
+        data.extend_from_slice(SNAPSHOT_MAGIC);
+        data.extend_from_slice(&(snap.image.len() as u64).to_le_bytes());
+        data.extend_from_slice(&crc32c::crc32c(&snap.image).to_le_bytes());
+        data.extend_from_slice(&snap.image);
+        self.write_atomically("snapshot", &data)
+    }
+
+    fn compact(&mut self, below: Slot) -> Result<(), StorageError> {
+        let (records, _, _) = self.read_log()?;
+        let kept = compact_records(records, below);
+        let mut data = Vec::new();
+        for r in &kept {
+            frame(r, &mut data)?;
+        }
+        self.write_atomically("log", &data)?;
+        let path = self.log_path();
+        self.log = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(())
+    }
+
+    fn load(&mut self) -> Result<Recovered, StorageError> {
+        let (records, good, len) = self.read_log()?;
+        if (good as u64) < len {
+            // A torn or corrupt tail: cut it off so new records follow intact ones.
+            let path = self.log_path();
+            self.log.set_len(good as u64).map_err(io_err(&path))?;
+            self.log.sync_all().map_err(io_err(&path))?;
+        }
+        let snap_path = self.dir.join("snapshot");
+        let snapshot = match fs::read(&snap_path) {
+            Ok(data) => {
+                if data.len() < 20 || &data[..8] != SNAPSHOT_MAGIC {
+                    return Err(StorageError::CorruptSnapshot(snap_path));
+                }
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&data[8..16]);
+                let len = u64::from_le_bytes(n) as usize;
+                let crc = u32::from_le_bytes([data[16], data[17], data[18], data[19]]);
+                let image = &data[20..];
+                if image.len() != len || crc32c::crc32c(image) != crc {
+                    return Err(StorageError::CorruptSnapshot(snap_path));
+                }
+                Some(Bytes::from(image))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(StorageError::Io {
+                    path: snap_path,
+                    source: e,
+                });
+            }
+        };
+        Ok(Recovered { snapshot, records })
+    }
+}

@@ -1,0 +1,187 @@
+//! Storage: the file store's framing, torn-tail recovery, atomic snapshots and
+//! compaction; group commit; the fault-injecting store's crash model.
+
+use std::path::PathBuf;
+use vp_consensus::rng::Rng;
+use vp_consensus::{
+    Ballot, Bytes, Epoch, FaultStore, FileStore, HostId, MemStore, PersistBatch, Record, Slot,
+    SnapshotFile, Storage, StorageError, Value,
+};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vp-consensus-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn ballot(round: u64) -> Ballot {
+    Ballot {
+        epoch: Epoch(1),
+        round,
+        leader: HostId(1),
+    }
+}
+
+fn accept(slot: u64) -> Record {
+    Record::Accept {
+        slot: Slot(slot),
+        ballot: ballot(1),
+        value: Value::Noop,
+    }
+}
+
+#[test]
+fn file_store_round_trips_records() {
+    let dir = temp_dir("roundtrip");
+    let mut s = FileStore::open(&dir).expect("open");
+    let recs = vec![Record::Promise { ballot: ballot(3) }, accept(1), accept(2)];
+    s.append(&recs).expect("append");
+    s.sync().expect("sync");
+    drop(s);
+    let mut s = FileStore::open(&dir).expect("reopen");
+    let got = s.load().expect("load");
+    assert_eq!(got.records, recs);
+    assert!(got.snapshot.is_none());
+}
+
+#[test]
+fn recovery_stops_cleanly_at_a_torn_tail_and_appends_after_it() {
+    let dir = temp_dir("torn");
+    let mut s = FileStore::open(&dir).expect("open");
+    s.append(&[accept(1), accept(2), accept(3)])
+        .expect("append");
+    s.sync().expect("sync");
+    drop(s);
+    // A crash mid-write leaves half a frame.
+    let log = dir.join("log");
+    let mut data = std::fs::read(&log).expect("read");
+    let whole = data.len();
+    data.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&log, &data).expect("write");
+
+    let mut s = FileStore::open(&dir).expect("reopen");
+    assert_eq!(s.load().expect("load").records.len(), 3);
+    assert_eq!(
+        std::fs::metadata(&log).expect("meta").len() as usize,
+        whole,
+        "torn tail cut off"
+    );
+    s.append(&[accept(4)]).expect("append");
+    s.sync().expect("sync");
+    let got = s.load().expect("load").records;
+    assert_eq!(got, vec![accept(1), accept(2), accept(3), accept(4)]);
+}
+
+#[test]
+fn recovery_stops_at_a_corrupt_record() {
+    let dir = temp_dir("corrupt");
+    let mut s = FileStore::open(&dir).expect("open");
+    s.append(&[accept(1)]).expect("append");
+    let first = std::fs::metadata(dir.join("log")).expect("meta").len() as usize;
+    s.append(&[accept(2), accept(3)]).expect("append");
+    s.sync().expect("sync");
+    drop(s);
+    let log = dir.join("log");
+    let mut data = std::fs::read(&log).expect("read");
+    data[first + 9] ^= 0xff; // inside the second record's payload
+    std::fs::write(&log, &data).expect("write");
+    let mut s = FileStore::open(&dir).expect("reopen");
+    assert_eq!(s.load().expect("load").records, vec![accept(1)]);
+}
+
+#[test]
+fn snapshots_are_atomic_and_checked() {
+    let dir = temp_dir("snap");
+    let mut s = FileStore::open(&dir).expect("open");
+    let snap = SnapshotFile {
+        slot: Slot(9),
+        digest: 1,
+        image: Bytes::from(vec![5u8; 10_000]),
+    };
+    s.save_snapshot(&snap).expect("save");
+    // A crash while writing the next one leaves only a temp file: ignored.
+    std::fs::write(dir.join("snapshot.tmp"), b"half").expect("write");
+    assert_eq!(s.load().expect("load").snapshot, Some(snap.image.clone()));
+    // A damaged snapshot is an error, not a silent empty state.
+    let p = dir.join("snapshot");
+    let mut data = std::fs::read(&p).expect("read");
+    let n = data.len();
+    data[n - 1] ^= 1;
+    std::fs::write(&p, &data).expect("write");
+    assert!(matches!(s.load(), Err(StorageError::CorruptSnapshot(_))));
+}
+
+#[test]
+fn compaction_drops_old_slots_but_keeps_the_promise() {
+    let dir = temp_dir("compact");
+    let mut s = FileStore::open(&dir).expect("open");
+    s.append(&[
+        Record::Promise { ballot: ballot(1) },
+        accept(1),
+        accept(2),
+        Record::Promise { ballot: ballot(2) },
+        accept(3),
+    ])
+    .expect("append");
+    s.compact(Slot(3)).expect("compact");
+    s.append(&[accept(4)]).expect("append after compaction");
+    let got = s.load().expect("load").records;
+    assert_eq!(
+        got,
+        vec![Record::Promise { ballot: ballot(2) }, accept(3), accept(4)]
+    );
+    let mut m = MemStore::default();
+    m.append(&[Record::Promise { ballot: ballot(1) }, accept(1), accept(5)])
+        .expect("append");
+    m.compact(Slot(2)).expect("compact");
+    assert_eq!(
+        m.records,
+        vec![Record::Promise { ballot: ballot(1) }, accept(5)]
+    );
+}
+
+#[test]
+fn group_commit_syncs_once_for_many_batches() {
+    let mut s = FaultStore::new();
+    let batches: Vec<PersistBatch> = (1..=5)
+        .map(|t| PersistBatch {
+            token: t,
+            records: vec![accept(t)],
+            must_sync: true,
+            snapshot: None,
+            compact_below: None,
+        })
+        .collect();
+    assert_eq!(s.commit(&batches).expect("commit"), Some(5));
+    assert_eq!(s.syncs, 1);
+    assert_eq!(s.load().expect("load").records.len(), 5);
+}
+
+#[test]
+fn fault_store_crash_loses_unsynced_writes_only() {
+    let mut rng = Rng::new(3);
+    let mut lost_any = false;
+    for _ in 0..20 {
+        let mut s = FaultStore::new();
+        s.append(&[accept(1), accept(2)]).expect("append");
+        s.sync().expect("sync");
+        s.append(&[accept(3), accept(4), accept(5)])
+            .expect("append");
+        s.crash(&mut rng);
+        let got = s.load().expect("load").records;
+        assert!(got.len() >= 2 && got.len() <= 5);
+        assert_eq!(
+            got[..],
+            [accept(1), accept(2), accept(3), accept(4), accept(5)][..got.len()]
+        );
+        lost_any |= got.len() < 5;
+    }
+    assert!(lost_any);
+    let mut s = FaultStore::new();
+    s.fail_next_write();
+    assert!(matches!(
+        s.append(&[accept(1)]),
+        Err(StorageError::Injected)
+    ));
+    assert!(s.append(&[accept(1)]).is_ok());
+}
