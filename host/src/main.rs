@@ -43,6 +43,26 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Run the deterministic consensus simulator: replicas of the real Paxos
+    /// core under message loss, partitions, crashes and membership churn, with
+    /// safety, exactly-once, linearizability and progress checkers.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimArgs {
+    /// Replay one seed and print its report as JSON.
+    #[arg(long, conflicts_with = "seeds")]
+    seed: Option<u64>,
+    /// Run this many seeds and print a summary line (JSON).
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// First seed of a multi-seed run.
+    #[arg(long, default_value_t = 0)]
+    first_seed: u64,
+    /// Founding voters per run.
+    #[arg(long, default_value_t = 3)]
+    voters: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +99,19 @@ enum BenchCommand {
         /// Messages to time (after 10,000 warm-up messages).
         #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
+    },
+    /// The Paxos core alone: 3 in-process replicas, in-memory storage, no-op
+    /// state machine, C closed-loop proposers.
+    Core {
+        /// Concurrent proposers.
+        #[arg(long, default_value_t = 1)]
+        proposers: usize,
+        /// How long to run, seconds.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Payload of each command, bytes.
+        #[arg(long, default_value_t = 16)]
+        payload_bytes: usize,
     },
     /// Snapshot and restore (into a fresh engine) of a guest holding bulk state.
     Snapshot {
@@ -168,6 +201,35 @@ fn run_exec(args: ExecArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_sim(args: SimArgs) -> Result<()> {
+    use vp_consensus::sim::{SimOptions, run, run_many};
+    let start = std::time::Instant::now();
+    let result = match args.seed {
+        Some(seed) => run(SimOptions {
+            voters: args.voters,
+            ..SimOptions::new(seed)
+        })
+        .map(|r| serde_json::to_value(r)),
+        None => run_many(
+            SimOptions {
+                voters: args.voters,
+                ..SimOptions::new(args.first_seed)
+            },
+            args.seeds,
+        )
+        .map(|r| {
+            let mut v = serde_json::to_value(r)?;
+            v["seeds_per_s"] = serde_json::json!(args.seeds as f64 / start.elapsed().as_secs_f64());
+            Ok(v)
+        }),
+    };
+    match result {
+        Ok(report) => print_json(&report?),
+        // The failure names the seed and the command that replays it.
+        Err(failure) => anyhow::bail!("{failure}"),
+    }
+}
+
 fn print_json(report: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(report)?);
     Ok(())
@@ -189,7 +251,23 @@ fn main() -> ExitCode {
                 BenchCommand::Snapshot { state_mib, rounds } => {
                     vp_host::bench::snapshot(state_mib, rounds).and_then(|r| print_json(&r))
                 }
+                BenchCommand::Core {
+                    proposers,
+                    seconds,
+                    payload_bytes,
+                } => {
+                    let options = vp_consensus::bench::BenchOptions {
+                        proposers,
+                        duration: std::time::Duration::from_secs_f64(seconds),
+                        payload_bytes,
+                    };
+                    print_json(&vp_consensus::bench::core(options))
+                }
             }
+        }
+        Command::Sim(args) => {
+            init_logging(cli.log_format, "warn");
+            run_sim(args)
         }
     };
     match result {

@@ -41,22 +41,38 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, message: message.into() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+        }
     }
     pub fn internal(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(serde_json::json!({ "error": self.message }))).into_response()
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }
 
@@ -65,9 +81,15 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<String> {
     let path = data_dir.join(API_TOKEN_FILE);
     if path.exists() {
         let bytes = read_private_file(&path)?;
-        let token = String::from_utf8(bytes).context("API token is not text")?.trim().to_string();
+        let token = String::from_utf8(bytes)
+            .context("API token is not text")?
+            .trim()
+            .to_string();
         if token.len() < 32 {
-            bail!("{} holds no usable token; delete it to make a new one", path.display());
+            bail!(
+                "{} holds no usable token; delete it to make a new one",
+                path.display()
+            );
         }
         return Ok(token);
     }
@@ -76,14 +98,30 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
-async fn require_token(State(token): State<std::sync::Arc<str>>, request: Request, next: Next) -> Response {
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+async fn require_token(
+    State(token): State<std::sync::Arc<str>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let expected = format!("Bearer {token}");
     // Constant-time enough for a local token: compare full strings of equal length.
-    let ok = given.is_some_and(|g| g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0, |a, (x, y)| a | (x ^ y)) == 0);
+    let ok = given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0, |a, (x, y)| a | (x ^ y))
+                == 0
+    });
     if !ok {
-        return ApiError { status: StatusCode::UNAUTHORIZED, message: "missing or wrong API token".into() }
-            .into_response();
+        return ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or wrong API token".into(),
+        }
+        .into_response();
     }
     next.run(request).await
 }
@@ -101,7 +139,8 @@ pub async fn serve(addr: SocketAddr, data_dir: &Path, router: axum::Router) -> R
     })?;
     let bound = listener.local_addr()?;
     let tmp = data_dir.join(format!(".{API_ADDR_FILE}.tmp"));
-    std::fs::write(&tmp, bound.to_string()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, bound.to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, data_dir.join(API_ADDR_FILE))?;
     let app = router
         .layer(axum::middleware::from_fn_with_state(token, require_token))
@@ -120,7 +159,9 @@ pub fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("VP_DATA_DIR") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/vp-host")
 }
 
@@ -136,8 +177,12 @@ impl ApiClient {
     /// its data directory, else the default; the token from the data directory
     /// (or `VP_API_TOKEN`).
     pub fn locate(api: Option<SocketAddr>, data_dir: &Path) -> Result<ApiClient> {
-        let recorded = std::fs::read_to_string(data_dir.join(API_ADDR_FILE)).ok().and_then(|s| s.trim().parse().ok());
-        let addr = api.or(recorded).unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("default address parses"));
+        let recorded = std::fs::read_to_string(data_dir.join(API_ADDR_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let addr = api
+            .or(recorded)
+            .unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("default address parses"));
         let token = match std::env::var("VP_API_TOKEN") {
             Ok(token) => token,
             Err(_) => {
@@ -166,13 +211,28 @@ impl ApiClient {
 
     /// POST `body` as JSON to `path`, decode the JSON answer.
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.call(hyper::Method::POST, path, Bytes::from(serde_json::to_vec(body)?)).await
+        self.call(
+            hyper::Method::POST,
+            path,
+            Bytes::from(serde_json::to_vec(body)?),
+        )
+        .await
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: hyper::Method, path: &str, body: Bytes) -> Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
-            .map_err(|e| anyhow::anyhow!("no daemon at {}: {e}; start one with `vp-host join`", self.addr))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no daemon at {}: {e}; start one with `vp-host join`",
+                    self.addr
+                )
+            })?;
         let io = hyper_util::rt::TokioIo::new(stream);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -187,7 +247,13 @@ impl ApiClient {
             .body(Full::new(body))?;
         let response = tokio::time::timeout(API_TIMEOUT, sender.send_request(request))
             .await
-            .map_err(|_| anyhow::anyhow!("the daemon at {} did not answer within {:?}", self.addr, API_TIMEOUT))??;
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the daemon at {} did not answer within {:?}",
+                    self.addr,
+                    API_TIMEOUT
+                )
+            })??;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
@@ -197,6 +263,7 @@ impl ApiClient {
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             bail!("{message}");
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from the daemon at {}", self.addr))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from the daemon at {}", self.addr))
     }
 }
