@@ -209,7 +209,7 @@ fn run_sim(args: SimArgs) -> Result<()> {
             voters: args.voters,
             ..SimOptions::new(seed)
         })
-        .map(|r| serde_json::to_value(r)),
+        .map(serde_json::to_value),
         None => run_many(
             SimOptions {
                 voters: args.voters,
