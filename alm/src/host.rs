@@ -147,6 +147,8 @@ struct Node<C> {
     fills: Vec<(usize, Side, u64)>,
     join: Option<Join>,
     next_stabilize: Time,
+    /// Nodes learned while a fill ran on that (level, side): offered when it ends.
+    hints: Vec<(usize, Side, NodeRef<C>)>,
 }
 
 impl<C: Contact> Node<C> {
@@ -166,6 +168,18 @@ impl<C: Contact> Node<C> {
     }
 }
 
+/// How a fill finds its first node.
+#[derive(Debug)]
+enum FillStart<C> {
+    /// Send a link request to this node.
+    Node(NodeRef<C>),
+    /// The closest known node that shares the level (repair).
+    Candidate,
+    /// Trust only the levels below: the closest lower-level neighbour sharing the level,
+    /// else a walk along the level below (join and stabilisation).
+    Walk,
+}
+
 #[derive(Debug)]
 struct PendingReq<C> {
     key: Key,
@@ -177,6 +191,9 @@ struct PendingReq<C> {
     deadline: Time,
     attempts: u32,
     redirects: u32,
+    /// Waiting `retry_delay_us` before sending again (the target asked us to wait, or
+    /// redirected us to a node we believe dead).
+    parked: bool,
 }
 
 #[derive(Debug)]
@@ -505,6 +522,7 @@ impl<C: Contact> AlmHost<C> {
             fills: Vec::new(),
             join: None,
             next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
+            hints: Vec::new(),
         };
         self.nodes.insert(key.clone(), node);
         self.ensure_tick(now);
@@ -532,6 +550,40 @@ impl<C: Contact> AlmHost<C> {
         self.search_attempt(now, seq, introducer);
         self.drain_loopback(now);
         Ok(())
+    }
+
+    /// Simulation support: hold `key` as a joined node without any link (the simulator's
+    /// bulk loader sets the links). Returns its membership vector.
+    #[doc(hidden)]
+    pub fn bulk_insert_joined(&mut self, now: Time, key: Key) -> MembershipVector {
+        let mv = MembershipVector(self.rng.next_u64());
+        let jitter = self.rng.below(self.config.stabilize_interval_us.max(1));
+        self.nodes.insert(
+            key.clone(),
+            Node {
+                me: NodeRef {
+                    key,
+                    mv,
+                    host: self.me.host,
+                    contact: self.me.contact.clone(),
+                },
+                levels: Vec::new(),
+                fills: Vec::new(),
+                join: None,
+                next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
+                hints: Vec::new(),
+            },
+        );
+        self.ensure_tick(now);
+        mv
+    }
+
+    /// Simulation support: set the neighbour lists of `key` (see `bulk_insert_joined`).
+    #[doc(hidden)]
+    pub fn bulk_set_links(&mut self, key: &Key, levels: Vec<[Option<NodeRef<C>>; 2]>) {
+        if let Some(n) = self.nodes.get_mut(key) {
+            n.levels = levels;
+        }
     }
 
     /// Remove `key` gracefully: its neighbours at every level are told to link past it.
@@ -842,6 +894,12 @@ impl<C: Contact> AlmHost<C> {
                 }
             }
             Body::Gone { key } => self.purge(now, |r| r.host == from.host && r.key == key),
+            Body::Hint { to, level, node } => {
+                let level = usize::from(level);
+                if let Some(side) = Side::of(&node.key, &to) {
+                    self.offer(now, &to, level, side, node);
+                }
+            }
         }
     }
 
@@ -1042,7 +1100,7 @@ impl<C: Contact> AlmHost<C> {
                 let Some(side) = Side::of(&found.key, &key) else {
                     return;
                 };
-                self.start_fill(now, &key, 0, side, Some(found));
+                self.start_fill(now, &key, 0, side, FillStart::Node(found));
             }
         }
     }
@@ -1089,9 +1147,20 @@ impl<C: Contact> AlmHost<C> {
 
     /// The closest live node on `side` of `key` known to share `level` bits with it.
     fn best_candidate(&self, node: &Node<C>, level: usize, side: Side) -> Option<NodeRef<C>> {
+        self.best_candidate_below(node, level, side, usize::MAX)
+    }
+
+    /// Like `best_candidate`, looking only at neighbours at levels below `below`.
+    fn best_candidate_below(
+        &self,
+        node: &Node<C>,
+        level: usize,
+        side: Side,
+        below: usize,
+    ) -> Option<NodeRef<C>> {
         let me = &node.me;
         let mut best: Option<&NodeRef<C>> = None;
-        for pair in &node.levels {
+        for pair in node.levels.iter().take(below) {
             if let Some(r) = &pair[side.index()]
                 && r.key != me.key
                 && Side::of(&r.key, &me.key) == Some(side)
@@ -1113,7 +1182,7 @@ impl<C: Contact> AlmHost<C> {
         key: &Key,
         level: usize,
         side: Side,
-        start: Option<NodeRef<C>>,
+        start: FillStart<C>,
     ) {
         let Some(node) = self.nodes.get(key) else {
             return;
@@ -1123,9 +1192,12 @@ impl<C: Contact> AlmHost<C> {
         }
         let id = self.new_id();
         let node = &self.nodes[key];
-        let target = start.filter(|s| self.live(s) && s.key != *key);
-        let (to, body) = if let Some(c) = target.or_else(|| self.best_candidate(node, level, side))
-        {
+        let first = match start {
+            FillStart::Node(s) => Some(s).filter(|s| self.live(s) && s.key != *key),
+            FillStart::Candidate => self.best_candidate(node, level, side),
+            FillStart::Walk => self.best_candidate_below(node, level, side, level),
+        };
+        let (to, body) = if let Some(c) = first {
             (
                 Self::host_of(&c),
                 Body::LinkRequest {
@@ -1168,6 +1240,7 @@ impl<C: Contact> AlmHost<C> {
                 deadline,
                 attempts: 1,
                 redirects: 0,
+                parked: false,
             },
         );
         if let Some(n) = self.nodes.get_mut(key) {
@@ -1202,12 +1275,68 @@ impl<C: Contact> AlmHost<C> {
         }
     }
 
+    /// `cand` may be a closer neighbour of `key` at (level, side) than the current one: link
+    /// to it now, or when the fill running there ends.
+    fn offer(&mut self, now: Time, key: &Key, level: usize, side: Side, cand: NodeRef<C>) {
+        let Some(node) = self.nodes.get_mut(key) else {
+            return;
+        };
+        let me = &node.me;
+        if level >= self.config.level_max
+            || Side::of(&cand.key, &me.key) != Some(side)
+            || !cand.mv.shares_level(me.mv, level)
+            || self.dead.contains_key(&cand.host)
+        {
+            return;
+        }
+        if let Some(cur) = node.nbr(level, side)
+            && (cur.key == cand.key || closer(&cur.key, &cand.key, &me.key))
+            && !self.dead.contains_key(&cur.host)
+        {
+            // Our neighbour lies between us and `cand`: pass the news on towards `cand`
+            // (each hop gets closer to it, so this ends).
+            if cur.key != cand.key {
+                let to = Self::host_of(cur);
+                let body = Body::Hint {
+                    to: cur.key.clone(),
+                    level: level_u8(level),
+                    node: cand,
+                };
+                self.send(to, body);
+            }
+            return;
+        }
+        if node.fill(level, side).is_some() {
+            let me_key = node.me.key.clone();
+            match node.hints.iter_mut().find(|(l, s, _)| *l == level && *s == side) {
+                Some(h) => {
+                    if closer(&cand.key, &h.2.key, &me_key) {
+                        h.2 = cand;
+                    }
+                }
+                None => node.hints.push((level, side, cand)),
+            }
+            return;
+        }
+        self.start_fill(now, key, level, side, FillStart::Node(cand));
+    }
+
     /// A fill at (level, side) of `key` is over: advance a join, or trim empty top levels.
     fn fill_resolved(&mut self, now: Time, key: &Key, level: usize, side: Side) {
         let Some(node) = self.nodes.get_mut(key) else {
             return;
         };
         node.remove_fill(level, side);
+        if let Some(i) = node.hints.iter().position(|(l, s, _)| *l == level && *s == side) {
+            let (_, _, cand) = node.hints.swap_remove(i);
+            self.offer(now, key, level, side, cand);
+            if self.nodes.get(key).is_some_and(|n| n.fill(level, side).is_some()) {
+                return;
+            }
+        }
+        let Some(node) = self.nodes.get_mut(key) else {
+            return;
+        };
         if node.join.as_ref().is_some_and(|j| j.level == level) {
             self.join_progress(now, key);
             return;
@@ -1262,7 +1391,7 @@ impl<C: Contact> AlmHost<C> {
             if let Some(j) = &mut node.join {
                 j.tried_right = true;
             }
-            self.start_fill(now, key, level, Side::Right, None);
+            self.start_fill(now, key, level, Side::Right, FillStart::Walk);
             return;
         }
         if (!left && !right) || level + 1 >= self.config.level_max {
@@ -1275,7 +1404,7 @@ impl<C: Contact> AlmHost<C> {
             j.level = level + 1;
             j.tried_right = false;
         }
-        self.start_fill(now, key, level + 1, Side::Left, None);
+        self.start_fill(now, key, level + 1, Side::Left, FillStart::Walk);
     }
 
     fn on_link_request(
@@ -1334,16 +1463,26 @@ impl<C: Contact> AlmHost<C> {
             }
         };
         let reply_to = Self::host_of(&requester);
+        // A joining node does not know its right neighbour at levels it has not finished:
+        // an accept would tell the requester "nobody was there". Requests from the right
+        // wait; requests from the left are always answered (so waits cannot form a cycle).
+        let unsettled = side == Side::Right && node.join.as_ref().is_some_and(|j| j.level <= level);
+        if level > node.levels.len() || unsettled {
+            // This node is not (yet) linked at the levels below: a half-joined node, or one
+            // whose height a stabilisation round has still to raise. Ask to retry later.
+            self.send(
+                reply_to,
+                Body::LinkReject {
+                    req,
+                    to: requester.key.clone(),
+                    key: to.clone(),
+                    reason: RejectReason::NotReady,
+                },
+            );
+            return;
+        }
         if accept {
-            let height = node.levels.len();
             let old = cur.filter(|c| c.key != requester.key);
-            // Levels below `level` at which this node had no neighbour: the requester shares
-            // them too, so it is a neighbour there as well (heals gaps from concurrent joins).
-            for l in height..level {
-                if self.nodes[to].nbr(l, side).is_none() {
-                    self.set_nbr(to, l, side, Some(requester.clone()));
-                }
-            }
             self.set_nbr(to, level, side, Some(requester.clone()));
             self.send(
                 reply_to,
@@ -1403,6 +1542,21 @@ impl<C: Contact> AlmHost<C> {
         } else {
             None
         };
+        let unsure = next.is_none()
+            && (node.join.as_ref().is_some_and(|j| j.level <= level)
+                || node.fill(level, side).is_some());
+        if unsure {
+            self.send(
+                reply_to,
+                Body::LinkReject {
+                    req,
+                    to: requester.key.clone(),
+                    key: to.clone(),
+                    reason: RejectReason::NotReady,
+                },
+            );
+            return;
+        }
         match next {
             Some(n) if n.key != requester.key => self.send(
                 Self::host_of(&n),
@@ -1456,28 +1610,33 @@ impl<C: Contact> AlmHost<C> {
         let me = node.me.clone();
         let side = p.side;
         if Side::of(&by.key, &me.key) == Some(side) && by.mv.shares_level(me.mv, level) {
-            let cur = node.nbr(level, side);
-            let adopt = cur.is_none_or(|c| {
+            let cur = node.nbr(level, side).cloned();
+            let adopt = cur.as_ref().is_none_or(|c| {
                 c.key == by.key || !self.live(c) || closer(&by.key, &c.key, &me.key)
             });
             if adopt {
+                // The node we drop lies beyond `by`: tell `by` about it.
+                if let Some(c) = cur
+                    && c.key != by.key
+                    && self.live(&c)
+                {
+                    self.send(
+                        Self::host_of(&by),
+                        Body::Hint {
+                            to: by.key.clone(),
+                            level: level_u8(level),
+                            node: c,
+                        },
+                    );
+                }
                 self.set_nbr(to, level, side, Some(by));
+            } else {
+                // A closer neighbour is already known: it should link to `by`.
+                self.offer(now, to, level, side, by);
             }
             // The accepting node's previous neighbour on our side now lies on our far side.
-            if let Some(o) = old
-                && Side::of(&o.key, &me.key) == Some(side.opposite())
-                && o.mv.shares_level(me.mv, level)
-                && self.live(&o)
-            {
-                let node = &self.nodes[to];
-                let opp = node.nbr(level, side.opposite());
-                let better =
-                    opp.is_none_or(|c| !self.live(c) || closer(&o.key, &c.key, &me.key));
-                let idle = node.fill(level, side.opposite()).is_none();
-                if better && idle {
-                    self.set_nbr(to, level, side.opposite(), Some(o.clone()));
-                    self.start_fill(now, to, level, side.opposite(), Some(o));
-                }
+            if let Some(o) = old {
+                self.offer(now, to, level, side.opposite(), o);
             }
         }
         self.fill_resolved(now, to, level, side);
@@ -1525,6 +1684,7 @@ impl<C: Contact> AlmHost<C> {
         if let Some(p) = self.reqs.get_mut(&req) {
             p.redirects += 1;
             p.attempts = 1;
+            p.parked = false;
             p.target = Some(dest.clone());
             p.body = Some(body.clone());
             p.deadline = deadline;
@@ -1533,7 +1693,7 @@ impl<C: Contact> AlmHost<C> {
         self.send(dest, body);
     }
 
-    /// Wait `retry_delay_us` and redo the fill from scratch.
+    /// Wait `retry_delay_us`, then send the request again.
     fn park_req(&mut self, now: Time, req: u64) {
         let limit = self.config.attempts_max * 4;
         let Some(p) = self.reqs.get_mut(&req) else {
@@ -1546,8 +1706,7 @@ impl<C: Contact> AlmHost<C> {
             self.fill_resolved(now, &k, l, s);
             return;
         }
-        p.target = None;
-        p.body = None;
+        p.parked = true;
         p.deadline = now.plus_micros(self.config.retry_delay_us);
         let d = p.deadline;
         self.timers.push(Reverse((d, Timer::Req(req))));
@@ -1573,7 +1732,7 @@ impl<C: Contact> AlmHost<C> {
                 }
                 let host = from.host;
                 self.purge(now, |r| r.host == host && r.key == *key);
-                self.start_fill(now, to, p.level, p.side, None);
+                self.start_fill(now, to, p.level, p.side, FillStart::Candidate);
             }
             RejectReason::SameKey => {
                 if self.nodes.get(to).is_some_and(|n| n.join.is_some()) {
@@ -1591,6 +1750,12 @@ impl<C: Contact> AlmHost<C> {
                 }
             }
             RejectReason::PrefixMismatch => self.fill_resolved(now, to, p.level, p.side),
+            RejectReason::NotReady => {
+                // Put the request back and retry it later from scratch.
+                let id = req;
+                self.reqs.insert(id, p);
+                self.park_req(now, id);
+            }
         }
     }
 
@@ -1601,6 +1766,19 @@ impl<C: Contact> AlmHost<C> {
     }
 
     fn on_req_timeout(&mut self, now: Time, id: u64) {
+        let Some(p) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        if p.parked {
+            p.parked = false;
+            p.deadline = now.plus_micros(self.config.request_timeout_us);
+            if let (Some(t), Some(b)) = (p.target.clone(), p.body.clone()) {
+                let d = p.deadline;
+                self.timers.push(Reverse((d, Timer::Req(id))));
+                self.send(t, b);
+                return;
+            }
+        }
         let Some(p) = self.reqs.get_mut(&id) else {
             return;
         };
@@ -1632,7 +1810,7 @@ impl<C: Contact> AlmHost<C> {
                     n.remove_fill(p.level, p.side);
                 }
                 let attempts = p.attempts;
-                self.start_fill(now, &p.key, p.level, p.side, None);
+                self.start_fill(now, &p.key, p.level, p.side, FillStart::Candidate);
                 if let Some(nid) = self
                     .nodes
                     .get(&p.key)
@@ -1705,7 +1883,7 @@ impl<C: Contact> AlmHost<C> {
                 });
             }
             if self.nodes.get(&k).is_some_and(|n| n.fill(l, side).is_none()) {
-                self.start_fill(now, &k, l, side, None);
+                self.start_fill(now, &k, l, side, FillStart::Candidate);
             }
         }
     }
@@ -1736,7 +1914,7 @@ impl<C: Contact> AlmHost<C> {
         }
         self.purge(now, |r| r.host == host);
         for (k, l, s) in restart {
-            self.start_fill(now, &k, l, s, None);
+            self.start_fill(now, &k, l, s, FillStart::Candidate);
         }
         // Multicast hand-offs to it are routed around it.
         let fwds: Vec<u64> = self
@@ -1807,19 +1985,22 @@ impl<C: Contact> AlmHost<C> {
                 .collect();
             for k in due {
                 let jitter = self.rng.below(self.config.stabilize_interval_us / 4 + 1);
-                let rights: Vec<(usize, NodeRef<C>)> = {
+                let (right0, height) = {
                     let Some(n) = self.nodes.get_mut(&k) else {
                         continue;
                     };
                     n.next_stabilize = now.plus_micros(self.config.stabilize_interval_us + jitter);
-                    n.levels
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(l, p)| p[1].clone().map(|r| (l, r)))
-                        .collect()
+                    (n.nbr(0, Side::Right).cloned(), n.levels.len())
                 };
-                for (l, r) in rights {
-                    self.start_fill(now, &k, l, Side::Right, Some(r));
+                // Level 0: offer ourselves to the right neighbour (it redirects us to a
+                // closer node if it knows one). Level l >= 1: find the right neighbour again
+                // from level l - 1, up to one level above the top (to find a missed one).
+                let Some(r) = right0 else {
+                    continue;
+                };
+                self.start_fill(now, &k, 0, Side::Right, FillStart::Node(r));
+                for l in 1..=height.min(self.config.level_max - 1) {
+                    self.start_fill(now, &k, l, Side::Right, FillStart::Walk);
                 }
             }
         }

@@ -25,6 +25,8 @@ pub enum RejectReason {
     PrefixMismatch,
     /// The requester has the same key as the addressed node.
     SameKey,
+    /// The addressed node is itself still joining or repairing that level: retry later.
+    NotReady,
 }
 
 /// Outcome of a multicast hand-off.
@@ -156,6 +158,16 @@ pub enum Body<C> {
         /// The requesting node.
         to: Key,
     },
+    /// "`node` lies beyond you on its side at `level`": sent by a node that just replaced
+    /// `node` by the addressee as its neighbour, so the addressee can link to it.
+    Hint {
+        /// The addressed node.
+        to: Key,
+        /// The level.
+        level: u8,
+        /// The node beyond.
+        node: NodeRef<C>,
+    },
     /// `leaving` leaves the `level` list; `replacement` is its neighbour on the far side.
     Leave {
         /// The addressed node.
@@ -221,6 +233,7 @@ impl<C> Body<C> {
             Body::LinkReject { .. } => "link_reject",
             Body::WalkEnd { .. } => "walk_end",
             Body::Leave { .. } => "leave",
+            Body::Hint { .. } => "hint",
             Body::Multicast { .. } => "multicast",
             Body::MulticastAck { .. } => "multicast_ack",
             Body::MulticastEmpty { .. } => "multicast_empty",
@@ -360,6 +373,15 @@ impl<C: Contact> Message<C> {
                 key(k)
             }
             Body::WalkEnd { to, .. } => key(to),
+            Body::Hint {
+                to,
+                level: l,
+                node: n,
+            } => {
+                key(to)?;
+                level(*l)?;
+                node(n)
+            }
             Body::Leave {
                 to,
                 level: l,

@@ -1,0 +1,38 @@
+//! Joins and leaves keep every level's lists consistent and sorted.
+
+mod common;
+
+use common::build;
+use vp_alm::sim::SimOptions;
+
+#[test]
+fn sequential_joins_build_the_ideal_graph() {
+    for seed in 1..=3 {
+        let sim = build(seed, 200, 1, None);
+        if let Err(e) = sim.check_consistency() {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+#[test]
+fn concurrent_joins_converge() {
+    for seed in 10..=14 {
+        let mut opts = SimOptions::new(seed);
+        opts.config.stabilize_interval_us = 5_000_000;
+        let mut sim = build(seed, 300, 20, Some(opts));
+        let mut ok = sim.check_consistency();
+        let immediately = ok.is_ok();
+        for _ in 0..10 {
+            if ok.is_ok() {
+                break;
+            }
+            sim.run_for(5_000_000);
+            ok = sim.check_consistency();
+        }
+        if let Err(e) = ok {
+            panic!("seed {seed}: {e}");
+        }
+        println!("seed {seed}: consistent right after the joins: {immediately}");
+    }
+}
