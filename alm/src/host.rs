@@ -261,6 +261,8 @@ pub struct AlmHost<C: Contact> {
     loopback: VecDeque<Message<C>>,
     events: VecDeque<Event<C>>,
     stats: HostStats,
+    /// Joined nodes that gained a top level: (key, level to explore next).
+    grown: Vec<(Key, usize)>,
 }
 
 fn closer(a: &Key, b: &Key, me: &Key) -> bool {
@@ -303,6 +305,7 @@ impl<C: Contact> AlmHost<C> {
             loopback: VecDeque::new(),
             events: VecDeque::new(),
             stats: HostStats::default(),
+            grown: Vec::new(),
         }
     }
 
@@ -336,6 +339,21 @@ impl<C: Contact> AlmHost<C> {
             me: &n.me,
             levels: &n.levels,
             joined: n.join.is_none(),
+        })
+    }
+
+    /// Debugging: the (level, side) pairs of `key` with a fill running, and whether each
+    /// is parked.
+    #[doc(hidden)]
+    pub fn debug_fills(&self, key: &Key) -> Vec<(usize, Side, bool, u32)> {
+        self.nodes.get(key).map_or_else(Vec::new, |n| {
+            n.fills
+                .iter()
+                .map(|(l, s, id)| {
+                    let p = self.reqs.get(id);
+                    (*l, *s, p.is_some_and(|p| p.parked), p.map_or(999, |p| p.attempts))
+                })
+                .collect()
         })
     }
 
@@ -777,7 +795,16 @@ impl<C: Contact> AlmHost<C> {
 
     fn drain_loopback(&mut self, now: Time) {
         let mut budget = 100_000u32;
-        while let Some(msg) = self.loopback.pop_front() {
+        loop {
+            while let Some((key, level)) = self.grown.pop() {
+                if self.nodes.get(&key).is_some_and(|n| n.levels.len() == level) {
+                    self.start_fill(now, &key, level, Side::Left, FillStart::Walk);
+                    self.start_fill(now, &key, level, Side::Right, FillStart::Walk);
+                }
+            }
+            let Some(msg) = self.loopback.pop_front() else {
+                break;
+            };
             budget -= 1;
             assert!(budget > 0, "loopback message storm on {}", self.me.host);
             self.dispatch(now, msg);
@@ -1259,6 +1286,10 @@ impl<C: Contact> AlmHost<C> {
                 return;
             }
             node.levels.resize(level + 1, [None, None]);
+            if node.join.is_none() {
+                // A new top level: there may be nodes to link with above it too.
+                self.grown.push((key.clone(), level + 1));
+            }
         }
         let slot = &mut node.levels[level][side.index()];
         if *slot == value {
@@ -1695,7 +1726,7 @@ impl<C: Contact> AlmHost<C> {
 
     /// Wait `retry_delay_us`, then send the request again.
     fn park_req(&mut self, now: Time, req: u64) {
-        let limit = self.config.attempts_max * 4;
+        let limit = self.config.attempts_max * 16;
         let Some(p) = self.reqs.get_mut(&req) else {
             return;
         };
@@ -1985,16 +2016,24 @@ impl<C: Contact> AlmHost<C> {
                 .collect();
             for k in due {
                 let jitter = self.rng.below(self.config.stabilize_interval_us / 4 + 1);
-                let (right0, height) = {
+                let (left0, right0, height) = {
                     let Some(n) = self.nodes.get_mut(&k) else {
                         continue;
                     };
                     n.next_stabilize = now.plus_micros(self.config.stabilize_interval_us + jitter);
-                    (n.nbr(0, Side::Right).cloned(), n.levels.len())
+                    (
+                        n.nbr(0, Side::Left).cloned(),
+                        n.nbr(0, Side::Right).cloned(),
+                        n.levels.len(),
+                    )
                 };
-                // Level 0: offer ourselves to the right neighbour (it redirects us to a
-                // closer node if it knows one). Level l >= 1: find the right neighbour again
-                // from level l - 1, up to one level above the top (to find a missed one).
+                // Level 0: offer ourselves to both neighbours (each redirects us to a closer
+                // node if it knows one, or hands us the node it drops). Level l >= 1: find
+                // the right neighbour again from level l - 1, up to one level above the top
+                // (to find a missed one); the left ones are found by their own left nodes.
+                if let Some(l) = left0 {
+                    self.start_fill(now, &k, 0, Side::Left, FillStart::Node(l));
+                }
                 let Some(r) = right0 else {
                     continue;
                 };

@@ -140,6 +140,8 @@ pub struct Sim {
     joining: FxHashSet<(u32, Key)>,
     /// Messages processed so far.
     pub steps: u64,
+    /// Debugging: print every message sent by these hosts to stderr.
+    pub trace: Vec<u32>,
 }
 
 impl Sim {
@@ -159,6 +161,7 @@ impl Sim {
             counters: Counters::default(),
             joining: FxHashSet::default(),
             steps: 0,
+            trace: Vec::new(),
         }
     }
 
@@ -289,6 +292,9 @@ impl Sim {
             return;
         };
         while let Some(t) = host.poll_send() {
+            if self.trace.contains(&h) {
+                eprintln!("[{}] {h} -> {}: {:?}", self.now, t.to.contact, t.msg.body);
+            }
             let kind = t.msg.body.kind();
             *self.counters.by_kind.entry(kind).or_insert(0) += 1;
             if let Body::Multicast { op, .. } = &t.msg.body {

@@ -17,7 +17,7 @@ fn sequential_joins_build_the_ideal_graph() {
 
 #[test]
 fn concurrent_joins_converge() {
-    for seed in 10..=14 {
+    for seed in 10..=19 {
         let mut opts = SimOptions::new(seed);
         opts.config.stabilize_interval_us = 5_000_000;
         let mut sim = build(seed, 300, 20, Some(opts));
