@@ -137,6 +137,8 @@ struct Join {
     level: usize,
     search: Option<u64>,
     tried_right: bool,
+    /// Searches started so far.
+    searches: u32,
 }
 
 #[derive(Debug)]
@@ -203,11 +205,13 @@ enum SearchPurpose {
 }
 
 #[derive(Debug)]
-struct PendingSearch {
+struct PendingSearch<C> {
     target: Key,
     attempt: u32,
     deadline: Time,
     purpose: SearchPurpose,
+    /// A host to start from (an introducer, or a node close to the target).
+    via: Option<HostRef<C>>,
 }
 
 #[derive(Debug)]
@@ -249,7 +253,7 @@ pub struct AlmHost<C: Contact> {
     nodes: BTreeMap<Key, Node<C>>,
     next_id: u64,
     reqs: FxHashMap<u64, PendingReq<C>>,
-    searches: FxHashMap<u64, PendingSearch>,
+    searches: FxHashMap<u64, PendingSearch<C>>,
     forwards: FxHashMap<u64, Forward<C>>,
     peers: FxHashMap<HostId, Peer>,
     dead: FxHashMap<HostId, Time>,
@@ -554,6 +558,7 @@ impl<C: Contact> AlmHost<C> {
                 level: 0,
                 search: Some(seq),
                 tried_right: false,
+                searches: 1,
             });
         }
         self.searches.insert(
@@ -563,9 +568,10 @@ impl<C: Contact> AlmHost<C> {
                 attempt: 0,
                 deadline: Time::ZERO,
                 purpose: SearchPurpose::Join(key.clone()),
+                via: introducer,
             },
         );
-        self.search_attempt(now, seq, introducer);
+        self.search_attempt(now, seq);
         self.drain_loopback(now);
         Ok(())
     }
@@ -672,9 +678,10 @@ impl<C: Contact> AlmHost<C> {
                 attempt: 0,
                 deadline: Time::ZERO,
                 purpose: SearchPurpose::User,
+                via: None,
             },
         );
-        self.search_attempt(now, seq, None);
+        self.search_attempt(now, seq);
         self.drain_loopback(now);
         Ok(OpId {
             origin: self.me.host,
@@ -858,7 +865,7 @@ impl<C: Contact> AlmHost<C> {
                 side,
                 node,
                 hops,
-            } => self.on_walk(now, req, &to, usize::from(level), side, node, hops),
+            } => self.on_walk(now, &from, req, &to, usize::from(level), side, node, hops),
             Body::LinkAccept {
                 req,
                 to,
@@ -922,6 +929,10 @@ impl<C: Contact> AlmHost<C> {
             }
             Body::Gone { key } => self.purge(now, |r| r.host == from.host && r.key == key),
             Body::Hint { to, level, node } => {
+                if !self.nodes.contains_key(&to) {
+                    self.send(from, Body::Gone { key: to });
+                    return;
+                }
                 let level = usize::from(level);
                 if let Some(side) = Side::of(&node.key, &to) {
                     self.offer(now, &to, level, side, node);
@@ -932,10 +943,11 @@ impl<C: Contact> AlmHost<C> {
 
     // ------------------------------------------------------------------ search
 
-    fn search_attempt(&mut self, now: Time, seq: u64, introducer: Option<HostRef<C>>) {
+    fn search_attempt(&mut self, now: Time, seq: u64) {
         let Some(s) = self.searches.get_mut(&seq) else {
             return;
         };
+        let introducer = s.via.clone();
         s.attempt += 1;
         let deadline = now.plus_micros(self.config.request_timeout_us * 4);
         s.deadline = deadline;
@@ -965,6 +977,18 @@ impl<C: Contact> AlmHost<C> {
         });
         let origin = self.me.clone();
         match (start, introducer) {
+            // A remote start is given on purpose (closer to the target) on the first try.
+            (_, Some(intro)) if attempt == 1 => self.send(
+                intro,
+                Body::Search {
+                    op,
+                    attempt,
+                    target,
+                    origin,
+                    to: None,
+                    hops: 0,
+                },
+            ),
             (Some(k), _) => self.route_search(now, &k, op, attempt, target, origin, 0),
             (None, Some(intro)) => self.send(
                 intro,
@@ -997,7 +1021,8 @@ impl<C: Contact> AlmHost<C> {
         hops: u32,
     ) {
         let at = match to {
-            Some(k) if self.nodes.get(&k).is_some_and(|n| n.join.is_none()) => Some(k),
+            // A node still joining routes with what it has linked so far.
+            Some(k) if self.nodes.contains_key(&k) => Some(k),
             other => {
                 if let Some(k) = other {
                     self.send(from.clone(), Body::Gone { key: k });
@@ -1115,6 +1140,8 @@ impl<C: Contact> AlmHost<C> {
                 }
                 if found.key == key {
                     if found.host == self.me.host {
+                        // Others have linked us meanwhile: carry on from what we have.
+                        self.join_progress(now, &key);
                         return;
                     }
                     self.nodes.remove(&key);
@@ -1132,14 +1159,52 @@ impl<C: Contact> AlmHost<C> {
         }
     }
 
+    /// Search again for the place of joining `key`, starting at `via` if given. Fails the
+    /// join after `attempts_max` searches.
+    fn join_research(&mut self, now: Time, key: &Key, via: Option<HostRef<C>>) {
+        let seq = self.new_id();
+        let Some(node) = self.nodes.get_mut(key) else {
+            return;
+        };
+        let Some(join) = &mut node.join else {
+            return;
+        };
+        if join.searches >= self.config.attempts_max * 4 {
+            if let Some(node) = self.nodes.remove(key) {
+                for (_, _, r) in node.fills {
+                    self.reqs.remove(&r);
+                }
+            }
+            self.event(Event::InsertFailed {
+                key: key.clone(),
+                error: OpError::Timeout,
+            });
+            return;
+        }
+        join.searches += 1;
+        join.search = Some(seq);
+        join.level = 0;
+        self.searches.insert(
+            seq,
+            PendingSearch {
+                target: key.clone(),
+                attempt: 0,
+                deadline: Time::ZERO,
+                purpose: SearchPurpose::Join(key.clone()),
+                via,
+            },
+        );
+        self.search_attempt(now, seq);
+    }
+
     fn on_search_timeout(&mut self, now: Time, seq: u64) {
         let Some(s) = self.searches.get(&seq) else {
             return;
         };
         if s.attempt < self.config.attempts_max {
-            let has_start = self.nodes.values().any(|n| n.join.is_none());
+            let has_start = self.nodes.values().any(|n| n.join.is_none()) || s.via.is_some();
             if has_start {
-                self.search_attempt(now, seq, None);
+                self.search_attempt(now, seq);
                 return;
             }
         }
@@ -1418,6 +1483,11 @@ impl<C: Contact> AlmHost<C> {
         }
         let left = node.nbr(level, Side::Left).is_some();
         let right = node.nbr(level, Side::Right).is_some();
+        if level == 0 && !left && !right {
+            // Nothing linked at level 0 although the network is not empty: look again.
+            self.join_research(now, key, None);
+            return;
+        }
         if level > 0 && !left && !tried_right {
             if let Some(j) = &mut node.join {
                 j.tried_right = true;
@@ -1543,6 +1613,7 @@ impl<C: Contact> AlmHost<C> {
     fn on_walk(
         &mut self,
         now: Time,
+        from: &HostRef<C>,
         req: u64,
         to: &Key,
         level: usize,
@@ -1552,13 +1623,21 @@ impl<C: Contact> AlmHost<C> {
     ) {
         let reply_to = Self::host_of(&requester);
         let Some(node) = self.nodes.get(to) else {
+            // The node that forwarded the walk holds a stale reference: tell it, and have
+            // the requester walk again once that is repaired.
+            let reason = if from.host == requester.host {
+                RejectReason::NoSuchKey
+            } else {
+                self.send(from.clone(), Body::Gone { key: to.clone() });
+                RejectReason::NotReady
+            };
             self.send(
                 reply_to,
                 Body::LinkReject {
                     req,
                     to: requester.key.clone(),
                     key: to.clone(),
-                    reason: RejectReason::NoSuchKey,
+                    reason,
                 },
             );
             return;
@@ -1702,6 +1781,18 @@ impl<C: Contact> AlmHost<C> {
         if !self.live(&next) {
             // The redirecting node has not noticed the death yet: try again later.
             self.park_req(now, req);
+            return;
+        }
+        let joining0 = level == 0 && node.join.as_ref().is_some_and(|j| j.level == 0);
+        if joining0 && p.redirects >= 8 {
+            // Our search result is stale (many keys joined around it meanwhile): walking
+            // the list one node at a time is slow, so search again from where we are.
+            let (l, s) = (p.level, p.side);
+            self.reqs.remove(&req);
+            if let Some(n) = self.nodes.get_mut(to) {
+                n.remove_fill(l, s);
+            }
+            self.join_research(now, to, Some(Self::host_of(&next)));
             return;
         }
         let body = Body::LinkRequest {
