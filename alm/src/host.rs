@@ -196,6 +196,8 @@ struct PendingReq<C> {
     /// Waiting `retry_delay_us` before sending again (the target asked us to wait, or
     /// redirected us to a node we believe dead).
     parked: bool,
+    /// The node that redirected us to the current target, and that target.
+    redirect: Option<(NodeRef<C>, NodeRef<C>)>,
 }
 
 #[derive(Debug)]
@@ -1333,6 +1335,7 @@ impl<C: Contact> AlmHost<C> {
                 attempts: 1,
                 redirects: 0,
                 parked: false,
+                redirect: None,
             },
         );
         if let Some(n) = self.nodes.get_mut(key) {
@@ -1390,8 +1393,13 @@ impl<C: Contact> AlmHost<C> {
             && !self.dead.contains_key(&cur.host)
         {
             // Our neighbour lies between us and `cand`: pass the news on towards `cand`
-            // (each hop gets closer to it, so this ends).
-            if cur.key != cand.key {
+            // (each hop gets closer to it, so this ends). A hint naming our neighbour itself
+            // means someone found it gone: check it.
+            if cur.key == cand.key {
+                if node.fill(level, side).is_none() {
+                    self.start_fill(now, key, level, side, FillStart::Node(cand));
+                }
+            } else {
                 let to = Self::host_of(cur);
                 let body = Body::Hint {
                     to: cur.key.clone(),
@@ -1804,6 +1812,7 @@ impl<C: Contact> AlmHost<C> {
         let deadline = now.plus_micros(self.config.request_timeout_us);
         let dest = Self::host_of(&next);
         if let Some(p) = self.reqs.get_mut(&req) {
+            p.redirect = Some((by.clone(), next.clone()));
             p.redirects += 1;
             p.attempts = 1;
             p.parked = false;
@@ -1848,13 +1857,28 @@ impl<C: Contact> AlmHost<C> {
         };
         match reason {
             RejectReason::NoSuchKey => {
-                // Forget the gone node, then look again (the purge may restart this fill).
-                if let Some(n) = self.nodes.get_mut(to) {
-                    n.remove_fill(p.level, p.side);
-                }
+                // Forget the gone node. If another node sent us to it, have that node check
+                // its reference. Then look again after a pause (the fill stays registered,
+                // so the purge does not start a second one).
                 let host = from.host;
                 self.purge(now, |r| r.host == host && r.key == *key);
-                self.start_fill(now, to, p.level, p.side, FillStart::Candidate);
+                let mut p = p;
+                if let Some((by, next)) = p.redirect.take()
+                    && next.key == *key
+                {
+                    self.send(
+                        Self::host_of(&by),
+                        Body::Hint {
+                            to: by.key.clone(),
+                            level: level_u8(p.level),
+                            node: next,
+                        },
+                    );
+                }
+                p.target = None;
+                p.body = None;
+                self.reqs.insert(req, p);
+                self.park_req(now, req);
             }
             RejectReason::SameKey => {
                 if self.nodes.get(to).is_some_and(|n| n.join.is_some()) {
@@ -2107,23 +2131,25 @@ impl<C: Contact> AlmHost<C> {
                 .collect();
             for k in due {
                 let jitter = self.rng.below(self.config.stabilize_interval_us / 4 + 1);
-                let (left0, right0, height) = {
+                let (lefts, right0, height) = {
                     let Some(n) = self.nodes.get_mut(&k) else {
                         continue;
                     };
                     n.next_stabilize = now.plus_micros(self.config.stabilize_interval_us + jitter);
-                    (
-                        n.nbr(0, Side::Left).cloned(),
-                        n.nbr(0, Side::Right).cloned(),
-                        n.levels.len(),
-                    )
+                    let lefts: Vec<(usize, NodeRef<C>)> = n
+                        .levels
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(l, p)| p[0].clone().map(|r| (l, r)))
+                        .collect();
+                    (lefts, n.nbr(0, Side::Right).cloned(), n.levels.len())
                 };
-                // Level 0: offer ourselves to both neighbours (each redirects us to a closer
-                // node if it knows one, or hands us the node it drops). Level l >= 1: find
-                // the right neighbour again from level l - 1, up to one level above the top
-                // (to find a missed one); the left ones are found by their own left nodes.
-                if let Some(l) = left0 {
-                    self.start_fill(now, &k, 0, Side::Left, FillStart::Node(l));
+                // Every level: offer ourselves to the left neighbour (it redirects us to a
+                // closer node if it knows one; a gone one answers so). Level 0: the same
+                // to the right. Level l >= 1: find the right neighbour again from level
+                // l - 1, up to one level above the top (to find a missed one).
+                for (l, r) in lefts {
+                    self.start_fill(now, &k, l, Side::Left, FillStart::Node(r));
                 }
                 let Some(r) = right0 else {
                     continue;

@@ -41,10 +41,18 @@ fn deliveries(sim: &Sim) -> HashMap<OpId, BTreeMap<Key, u32>> {
     d
 }
 
+/// Live hosts that hold at least one key (others cannot route).
+fn hosts_with_keys(sim: &Sim) -> Vec<u32> {
+    let mut hosts: Vec<u32> = sim.live_keys().into_iter().map(|(_, h)| h).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts
+}
+
 /// Run `count` searches for existing keys from random hosts; all must find the owner.
 pub fn check_searches(sim: &mut Sim, count: usize, seed: u64) {
     let keys = sim.live_keys();
-    let hosts = sim.live_hosts();
+    let hosts = hosts_with_keys(sim);
     let mut want = HashMap::new();
     for _ in 0..count {
         let from = hosts[sim.rng().below(hosts.len() as u64) as usize];
@@ -68,7 +76,7 @@ pub fn check_searches(sim: &mut Sim, count: usize, seed: u64) {
 /// Multicast over random prefixes and ranges; each must reach exactly its keys, once.
 pub fn check_multicasts(sim: &mut Sim, groups: u32, random_ranges: usize, seed: u64) {
     let keys = sim.live_keys();
-    let hosts = sim.live_hosts();
+    let hosts = hosts_with_keys(sim);
     let mut ranges = Vec::new();
     for g in 0..groups {
         ranges.push(KeyRange::prefix(format!("v/{g:04}/").as_bytes()));
