@@ -151,6 +151,9 @@ struct Node<C> {
     next_stabilize: Time,
     /// Nodes learned while a fill ran on that (level, side): offered when it ends.
     hints: Vec<(usize, Side, NodeRef<C>)>,
+    /// Level 0 lost a neighbour on these sides (index by `Side::index`): if repair finds
+    /// none, probe through other hosts.
+    lost0: [bool; 2],
 }
 
 impl<C: Contact> Node<C> {
@@ -204,6 +207,9 @@ struct PendingReq<C> {
 enum SearchPurpose {
     User,
     Join(Key),
+    /// Repair lost level 0 on `Side` of the key, through a host outside our own links;
+    /// the number is how many contacts were tried.
+    Probe(Key, Side, usize),
 }
 
 #[derive(Debug)]
@@ -269,6 +275,9 @@ pub struct AlmHost<C: Contact> {
     stats: HostStats,
     /// Joined nodes that gained a top level: (key, level to explore next).
     grown: Vec<(Key, usize)>,
+    /// Hosts recently seen as neighbours (most recent first): other ways into the network
+    /// if our own links are lost.
+    recent: VecDeque<HostRef<C>>,
 }
 
 fn closer(a: &Key, b: &Key, me: &Key) -> bool {
@@ -312,6 +321,7 @@ impl<C: Contact> AlmHost<C> {
             events: VecDeque::new(),
             stats: HostStats::default(),
             grown: Vec::new(),
+            recent: VecDeque::new(),
         }
     }
 
@@ -361,6 +371,14 @@ impl<C: Contact> AlmHost<C> {
                 })
                 .collect()
         })
+    }
+
+    /// Debugging: hosts currently believed dead.
+    #[doc(hidden)]
+    pub fn debug_dead(&self) -> Vec<HostId> {
+        let mut v: Vec<HostId> = self.dead.keys().copied().collect();
+        v.sort();
+        v
     }
 
     /// Number of operations (searches, joins) in flight.
@@ -547,6 +565,7 @@ impl<C: Contact> AlmHost<C> {
             join: None,
             next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
             hints: Vec::new(),
+            lost0: [false; 2],
         };
         self.nodes.insert(key.clone(), node);
         self.ensure_tick(now);
@@ -598,6 +617,7 @@ impl<C: Contact> AlmHost<C> {
                 join: None,
                 next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
                 hints: Vec::new(),
+                lost0: [false; 2],
             },
         );
         self.ensure_tick(now);
@@ -956,7 +976,7 @@ impl<C: Contact> AlmHost<C> {
         let attempt = s.attempt;
         let target = s.target.clone();
         let joining = match &s.purpose {
-            SearchPurpose::Join(k) => Some(k.clone()),
+            SearchPurpose::Join(k) | SearchPurpose::Probe(k, _, _) => Some(k.clone()),
             SearchPurpose::User => None,
         };
         self.timers.push(Reverse((deadline, Timer::Search(seq))));
@@ -1133,6 +1153,14 @@ impl<C: Contact> AlmHost<C> {
                     hops,
                 });
             }
+            SearchPurpose::Probe(key, _, _) => {
+                let Some(side) = Side::of(&found.key, &key) else {
+                    return;
+                };
+                if self.nodes.get(&key).is_some_and(|n| n.join.is_none()) {
+                    self.offer(now, &key, 0, side, found);
+                }
+            }
             SearchPurpose::Join(key) => {
                 let Some(node) = self.nodes.get_mut(&key) else {
                     return;
@@ -1203,6 +1231,14 @@ impl<C: Contact> AlmHost<C> {
         let Some(s) = self.searches.get(&seq) else {
             return;
         };
+        if let SearchPurpose::Probe(key, side, tried) = &s.purpose {
+            let (key, side, tried) = (key.clone(), *side, *tried);
+            self.searches.remove(&seq);
+            if tried < 4 {
+                self.start_probe(now, &key, side, tried);
+            }
+            return;
+        }
         if s.attempt < self.config.attempts_max {
             let has_start = self.nodes.values().any(|n| n.join.is_none()) || s.via.is_some();
             if has_start {
@@ -1218,6 +1254,7 @@ impl<C: Contact> AlmHost<C> {
             seq,
         };
         match s.purpose {
+            SearchPurpose::Probe(..) => {}
             SearchPurpose::User => self.event(Event::SearchFailed {
                 op,
                 target: s.target,
@@ -1364,6 +1401,14 @@ impl<C: Contact> AlmHost<C> {
             return;
         }
         slot.clone_from(&value);
+        if let Some(v) = &value
+            && v.host != self.me.host
+            && self.recent.front().is_none_or(|r| r.host != v.host)
+        {
+            self.recent.retain(|r| r.host != v.host);
+            self.recent.push_front(Self::host_of(v));
+            self.recent.truncate(16);
+        }
         if self.config.neighbour_events {
             self.event(Event::NeighbourChanged {
                 key: key.clone(),
@@ -1446,8 +1491,35 @@ impl<C: Contact> AlmHost<C> {
             return;
         }
         if node.join.is_none() {
+            if level == 0 && node.nbr(0, side).is_none() && node.lost0[side.index()] {
+                node.lost0[side.index()] = false;
+                self.start_probe(now, key, side, 0);
+            }
             self.trim(key, level);
         }
+    }
+
+    /// Search for `key` through the `tried`-th recently seen host (not through our own
+    /// links, which may have split off with us), to find level 0 on `side` again.
+    fn start_probe(&mut self, now: Time, key: &Key, side: Side, tried: usize) {
+        let Some(via) = self.recent.get(tried).cloned() else {
+            return;
+        };
+        if self.searches.len() >= self.config.ops_in_flight_max {
+            return;
+        }
+        let seq = self.new_id();
+        self.searches.insert(
+            seq,
+            PendingSearch {
+                target: key.clone(),
+                attempt: 0,
+                deadline: Time::ZERO,
+                purpose: SearchPurpose::Probe(key.clone(), side, tried + 1),
+                via: Some(via),
+            },
+        );
+        self.search_attempt(now, seq);
     }
 
     /// If `key` is alone at `level` (no neighbour, no fill running), it is alone above too.
@@ -2015,6 +2087,9 @@ impl<C: Contact> AlmHost<C> {
                     if pair[side.index()].as_ref().is_some_and(&pred) {
                         pair[side.index()] = None;
                         holes.push((k.clone(), l, side));
+                        if l == 0 {
+                            node.lost0[side.index()] = true;
+                        }
                     }
                 }
             }

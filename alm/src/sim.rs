@@ -177,6 +177,11 @@ impl Sim {
         &self.opts
     }
 
+    /// Change the message loss probability from now on.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.opts.loss = loss;
+    }
+
     /// The simulation's own random generator (for test scenarios).
     pub fn rng(&mut self) -> &mut Rng {
         &mut self.rng
