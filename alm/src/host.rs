@@ -201,6 +201,8 @@ struct PendingReq<C> {
     parked: bool,
     /// The node that redirected us to the current target, and that target.
     redirect: Option<(NodeRef<C>, NodeRef<C>)>,
+    /// The request is a `Beyond` question (its redirect may come from the other side).
+    beyond: bool,
 }
 
 #[derive(Debug)]
@@ -371,6 +373,12 @@ impl<C: Contact> AlmHost<C> {
                 })
                 .collect()
         })
+    }
+
+    /// Debugging: recently seen hosts.
+    #[doc(hidden)]
+    pub fn debug_recent(&self) -> Vec<HostId> {
+        self.recent.iter().map(|r| r.host).collect()
     }
 
     /// Debugging: hosts currently believed dead.
@@ -843,9 +851,9 @@ impl<C: Contact> AlmHost<C> {
     fn dispatch(&mut self, now: Time, msg: Message<C>) {
         let from = msg.from;
         if from.host != self.me.host {
-            if self.dead.remove(&from.host).is_some() {
-                // It speaks: it was not dead after all.
-            }
+            // It speaks: it is not dead after all; and it is a way into the network.
+            self.dead.remove(&from.host);
+            self.note_recent(&from);
             if let Some(p) = self.peers.get_mut(&from.host) {
                 p.last_heard = now;
             }
@@ -872,8 +880,9 @@ impl<C: Contact> AlmHost<C> {
                 attempt,
                 found,
                 exact,
+                next,
                 hops,
-            } => self.on_search_reply(now, op, attempt, found, exact, hops),
+            } => self.on_search_reply(now, op, attempt, found, exact, next, hops),
             Body::LinkRequest {
                 req,
                 to,
@@ -950,6 +959,12 @@ impl<C: Contact> AlmHost<C> {
                 }
             }
             Body::Gone { key } => self.purge(now, |r| r.host == from.host && r.key == key),
+            Body::Beyond {
+                req,
+                to,
+                side,
+                node,
+            } => self.on_beyond(&from, req, &to, side, node),
             Body::Hint { to, level, node } => {
                 if !self.nodes.contains_key(&to) {
                     self.send(from, Body::Gone { key: to });
@@ -1113,6 +1128,9 @@ impl<C: Contact> AlmHost<C> {
             None => {
                 let found = node.me.clone();
                 let exact = found.key == target;
+                let next = Side::of(&target, &found.key)
+                    .and_then(|s| node.nbr(0, s))
+                    .cloned();
                 self.send(
                     origin,
                     Body::SearchReply {
@@ -1120,6 +1138,7 @@ impl<C: Contact> AlmHost<C> {
                         attempt,
                         found,
                         exact,
+                        next,
                         hops,
                     },
                 );
@@ -1127,6 +1146,7 @@ impl<C: Contact> AlmHost<C> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_search_reply(
         &mut self,
         now: Time,
@@ -1134,6 +1154,7 @@ impl<C: Contact> AlmHost<C> {
         _attempt: u32,
         found: NodeRef<C>,
         exact: bool,
+        next: Option<NodeRef<C>>,
         hops: u32,
     ) {
         if op.origin != self.me.host {
@@ -1154,11 +1175,13 @@ impl<C: Contact> AlmHost<C> {
                 });
             }
             SearchPurpose::Probe(key, _, _) => {
-                let Some(side) = Side::of(&found.key, &key) else {
+                if !self.nodes.get(&key).is_some_and(|n| n.join.is_none()) {
                     return;
-                };
-                if self.nodes.get(&key).is_some_and(|n| n.join.is_none()) {
-                    self.offer(now, &key, 0, side, found);
+                }
+                for n in [Some(found), next].into_iter().flatten() {
+                    if let Some(side) = Side::of(&n.key, &key) {
+                        self.offer(now, &key, 0, side, n);
+                    }
                 }
             }
             SearchPurpose::Join(key) => {
@@ -1323,12 +1346,32 @@ impl<C: Contact> AlmHost<C> {
         }
         let id = self.new_id();
         let node = &self.nodes[key];
+        let mut beyond_via: Option<NodeRef<C>> = None;
         let first = match start {
             FillStart::Node(s) => Some(s).filter(|s| self.live(s) && s.key != *key),
             FillStart::Candidate => self.best_candidate(node, level, side),
             FillStart::Walk => self.best_candidate_below(node, level, side, level),
         };
-        let (to, body) = if let Some(c) = first {
+        // Level 0 with no known node on that side: ask the neighbour on the other side
+        // whether it knows one beyond us (our side of the list may have split off).
+        if first.is_none() && beyond_via.is_none() && level == 0 {
+            beyond_via = node
+                .nbr(0, side.opposite())
+                .filter(|n| self.live(n))
+                .cloned();
+        }
+        let beyond = beyond_via.is_some();
+        let (to, body) = if let Some(via) = beyond_via {
+            (
+                Self::host_of(&via),
+                Body::Beyond {
+                    req: id,
+                    to: via.key.clone(),
+                    side,
+                    node: node.me.clone(),
+                },
+            )
+        } else if let Some(c) = first {
             (
                 Self::host_of(&c),
                 Body::LinkRequest {
@@ -1373,6 +1416,7 @@ impl<C: Contact> AlmHost<C> {
                 redirects: 0,
                 parked: false,
                 redirect: None,
+                beyond,
             },
         );
         if let Some(n) = self.nodes.get_mut(key) {
@@ -1403,11 +1447,9 @@ impl<C: Contact> AlmHost<C> {
         slot.clone_from(&value);
         if let Some(v) = &value
             && v.host != self.me.host
-            && self.recent.front().is_none_or(|r| r.host != v.host)
         {
-            self.recent.retain(|r| r.host != v.host);
-            self.recent.push_front(Self::host_of(v));
-            self.recent.truncate(16);
+            let h = Self::host_of(v);
+            self.note_recent(&h);
         }
         if self.config.neighbour_events {
             self.event(Event::NeighbourChanged {
@@ -1491,18 +1533,58 @@ impl<C: Contact> AlmHost<C> {
             return;
         }
         if node.join.is_none() {
-            if level == 0 && node.nbr(0, side).is_none() && node.lost0[side.index()] {
-                node.lost0[side.index()] = false;
-                self.start_probe(now, key, side, 0);
-            }
-            self.trim(key, level);
+            self.settle(now, key);
         }
+    }
+
+    /// After links of joined node `key` changed: probe for level-0 neighbours lost to
+    /// failures that repair could not replace, and drop empty top levels.
+    fn settle(&mut self, now: Time, key: &Key) {
+        let Some(node) = self.nodes.get_mut(key) else {
+            return;
+        };
+        let mut probes = Vec::new();
+        for side in [Side::Left, Side::Right] {
+            if node.lost0[side.index()]
+                && node.nbr(0, side).is_none()
+                && node.fill(0, side).is_none()
+            {
+                node.lost0[side.index()] = false;
+                probes.push(side);
+            }
+        }
+        let empty = (0..node.levels.len()).find(|&l| {
+            node.levels[l].iter().all(Option::is_none)
+                && node.fill(l, Side::Left).is_none()
+                && node.fill(l, Side::Right).is_none()
+        });
+        if let Some(l) = empty {
+            self.trim(key, l);
+        }
+        for side in probes {
+            self.start_probe(now, key, side, 0);
+        }
+    }
+
+    fn note_recent(&mut self, h: &HostRef<C>) {
+        if self.recent.front().is_some_and(|r| r.host == h.host) {
+            return;
+        }
+        self.recent.retain(|r| r.host != h.host);
+        self.recent.push_front(h.clone());
+        self.recent.truncate(16);
     }
 
     /// Search for `key` through the `tried`-th recently seen host (not through our own
     /// links, which may have split off with us), to find level 0 on `side` again.
     fn start_probe(&mut self, now: Time, key: &Key, side: Side, tried: usize) {
-        let Some(via) = self.recent.get(tried).cloned() else {
+        let Some(via) = self
+            .recent
+            .iter()
+            .filter(|r| !self.dead.contains_key(&r.host))
+            .nth(tried)
+            .cloned()
+        else {
             return;
         };
         if self.searches.len() >= self.config.ops_in_flight_max {
@@ -1579,6 +1661,7 @@ impl<C: Contact> AlmHost<C> {
             node.join = None;
             node.levels.truncate(if left || right { level + 1 } else { level });
             self.event(Event::Inserted { key: key.clone() });
+            self.settle(now, key);
             return;
         }
         if let Some(j) = &mut node.join {
@@ -1769,6 +1852,54 @@ impl<C: Contact> AlmHost<C> {
         }
     }
 
+    fn on_beyond(
+        &mut self,
+        from: &HostRef<C>,
+        req: u64,
+        to: &Key,
+        side: Side,
+        requester: NodeRef<C>,
+    ) {
+        let Some(node) = self.nodes.get(to) else {
+            self.send(
+                from.clone(),
+                Body::LinkReject {
+                    req,
+                    to: requester.key.clone(),
+                    key: to.clone(),
+                    reason: RejectReason::NoSuchKey,
+                },
+            );
+            return;
+        };
+        // The closest live node we know strictly beyond the requester on `side`.
+        let mut best: Option<&NodeRef<C>> = None;
+        for pair in &node.levels {
+            for r in pair.iter().flatten() {
+                if Side::of(&r.key, &requester.key) == Some(side)
+                    && self.live(r)
+                    && best.is_none_or(|b| closer(&r.key, &b.key, &requester.key))
+                {
+                    best = Some(r);
+                }
+            }
+        }
+        let reply = match best {
+            Some(next) => Body::LinkRedirect {
+                req,
+                to: requester.key.clone(),
+                level: 0,
+                by: node.me.clone(),
+                next: next.clone(),
+            },
+            None => Body::WalkEnd {
+                req,
+                to: requester.key.clone(),
+            },
+        };
+        self.send(Self::host_of(&requester), reply);
+    }
+
     /// The pending request `req` of local node `to`, if it is still current.
     fn take_req(&mut self, req: u64, to: &Key) -> Option<PendingReq<C>> {
         if self.reqs.get(&req).is_some_and(|r| r.key == *to) {
@@ -1850,7 +1981,7 @@ impl<C: Contact> AlmHost<C> {
         let me = &node.me;
         let valid = p.level == level
             && Side::of(&next.key, &me.key) == Some(p.side)
-            && closer(&next.key, &by.key, &me.key)
+            && (p.beyond || closer(&next.key, &by.key, &me.key))
             && next.mv.shares_level(me.mv, level);
         if !valid || p.redirects >= self.config.redirects_max {
             let (l, s) = (p.level, p.side);
@@ -1884,6 +2015,7 @@ impl<C: Contact> AlmHost<C> {
         let deadline = now.plus_micros(self.config.request_timeout_us);
         let dest = Self::host_of(&next);
         if let Some(p) = self.reqs.get_mut(&req) {
+            p.beyond = false;
             p.redirect = Some((by.clone(), next.clone()));
             p.redirects += 1;
             p.attempts = 1;
@@ -2223,6 +2355,24 @@ impl<C: Contact> AlmHost<C> {
                 // closer node if it knows one; a gone one answers so). Level 0: the same
                 // to the right. Level l >= 1: find the right neighbour again from level
                 // l - 1, up to one level above the top (to find a missed one).
+                // An end of level 0 may be a real end, or a split: ask another host.
+                let ends: Vec<Side> = [Side::Left, Side::Right]
+                    .into_iter()
+                    .filter(|s| {
+                        self.nodes
+                            .get(&k)
+                            .is_some_and(|n| n.nbr(0, *s).is_none() && n.fill(0, *s).is_none())
+                    })
+                    .collect();
+                let isolated = ends.len() == 2;
+                for side in ends {
+                    if isolated {
+                        let pick = self.rng.below(self.recent.len().max(1) as u64) as usize;
+                        self.start_probe(now, &k, side, pick.min(3));
+                    } else {
+                        self.start_fill(now, &k, 0, side, FillStart::Candidate);
+                    }
+                }
                 for (l, r) in lefts {
                     self.start_fill(now, &k, l, Side::Left, FillStart::Node(r));
                 }

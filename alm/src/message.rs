@@ -81,6 +81,9 @@ pub enum Body<C> {
         found: NodeRef<C>,
         /// True if `found` holds exactly the key sought.
         exact: bool,
+        /// `found`'s level-0 neighbour on the target's side (so a joining or repairing
+        /// node learns both of its neighbours).
+        next: Option<NodeRef<C>>,
         /// Forwards the search took.
         hops: u32,
     },
@@ -158,6 +161,19 @@ pub enum Body<C> {
         /// The requesting node.
         to: Key,
     },
+    /// "Which node do you know on `side` beyond me?": asked by a node that lost level 0 on
+    /// that side, of its neighbour on the other side. Answered by a `LinkRedirect` to the
+    /// closest such node (which the requester then asks to link) or `WalkEnd`.
+    Beyond {
+        /// Request number at the requester.
+        req: u64,
+        /// The addressed node.
+        to: Key,
+        /// The side beyond the requester.
+        side: Side,
+        /// The requester.
+        node: NodeRef<C>,
+    },
     /// "`node` lies beyond you on its side at `level`": sent by a node that just replaced
     /// `node` by the addressee as its neighbour, so the addressee can link to it.
     Hint {
@@ -234,6 +250,7 @@ impl<C> Body<C> {
             Body::WalkEnd { .. } => "walk_end",
             Body::Leave { .. } => "leave",
             Body::Hint { .. } => "hint",
+            Body::Beyond { .. } => "beyond",
             Body::Multicast { .. } => "multicast",
             Body::MulticastAck { .. } => "multicast_ack",
             Body::MulticastEmpty { .. } => "multicast_empty",
@@ -306,9 +323,15 @@ impl<C: Contact> Message<C> {
                 hops(*h)
             }
             Body::SearchReply {
-                found, hops: h, ..
+                found,
+                next,
+                hops: h,
+                ..
             } => {
                 node(found)?;
+                if let Some(n) = next {
+                    node(n)?;
+                }
                 hops(*h)
             }
             Body::LinkRequest {
@@ -373,6 +396,10 @@ impl<C: Contact> Message<C> {
                 key(k)
             }
             Body::WalkEnd { to, .. } => key(to),
+            Body::Beyond { to, node: n, .. } => {
+                key(to)?;
+                node(n)
+            }
             Body::Hint {
                 to,
                 level: l,
