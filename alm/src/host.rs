@@ -1582,6 +1582,7 @@ impl<C: Contact> AlmHost<C> {
             .recent
             .iter()
             .filter(|r| !self.dead.contains_key(&r.host))
+            .chain(self.recent.iter().filter(|r| self.dead.contains_key(&r.host)))
             .nth(tried)
             .cloned()
         else {
@@ -2111,6 +2112,12 @@ impl<C: Contact> AlmHost<C> {
 
     fn on_walk_end(&mut self, now: Time, req: u64, to: &Key) {
         if let Some(p) = self.take_req(req, to) {
+            let joined = self.nodes.get(to).is_some_and(|n| n.join.is_none());
+            if p.beyond && joined {
+                // Our neighbour knows nobody beyond us either: ask hosts elsewhere.
+                let pick = self.rng.below(self.recent.len().max(1) as u64) as usize;
+                self.start_probe(now, to, p.side, pick.min(3));
+            }
             self.fill_resolved(now, to, p.level, p.side);
         }
     }
@@ -2141,15 +2148,11 @@ impl<C: Contact> AlmHost<C> {
                 self.send(t, b);
             }
             (Some(target), _) => {
-                let host = target.host;
-                // `declare_dead` restarts this fill.
-                self.declare_dead(now, host);
-                if self.reqs.contains_key(&id) {
-                    let Some(p) = self.reqs.remove(&id) else {
-                        return;
-                    };
-                    self.fill_resolved(now, &p.key, p.level, p.side);
-                }
+                // No answer: suspect the host (a ping round decides; declaring it dead
+                // restarts this fill) and meanwhile try again later.
+                let target = target.clone();
+                self.suspect(now, target);
+                self.park_req(now, id);
             }
             (None, _) => {
                 // A parked fill: start over.
@@ -2399,6 +2402,28 @@ impl<C: Contact> AlmHost<C> {
         self.dead.retain(|_, t| now.micros_since(*t) < memory);
     }
 
+    /// Requests to `host` go unanswered: ping it (unless a ping is out already).
+    fn suspect(&mut self, now: Time, host: HostRef<C>) {
+        if self.is_dead(host.host) || host.host == self.me.host {
+            return;
+        }
+        if !self.peers.contains_key(&host.host) {
+            if self.peers.len() >= self.config.peers_max {
+                return;
+            }
+            self.peers.insert(
+                host.host,
+                Peer {
+                    last_heard: Time::ZERO,
+                    ping: None,
+                },
+            );
+        }
+        if self.peers.get(&host.host).is_some_and(|p| p.ping.is_none()) {
+            self.send_ping(now, host, 1);
+        }
+    }
+
     fn send_ping(&mut self, now: Time, to: HostRef<C>, attempt: u32) {
         let nonce = self.rng.next_u64();
         if let Some(p) = self.peers.get_mut(&to.host) {
@@ -2416,13 +2441,27 @@ impl<C: Contact> AlmHost<C> {
         let attempt = p.ping.map_or(0, |(_, a)| a);
         if attempt < self.config.ping_attempts_max {
             // Find the contact again from the neighbour tables.
-            let contact = self.nodes.values().find_map(|n| {
-                n.levels
-                    .iter()
-                    .flat_map(|p| p.iter().flatten())
-                    .find(|r| r.host == host)
-                    .map(|r| r.contact.clone())
-            });
+            let contact = self
+                .nodes
+                .values()
+                .find_map(|n| {
+                    n.levels
+                        .iter()
+                        .flat_map(|p| p.iter().flatten())
+                        .find(|r| r.host == host)
+                        .map(|r| r.contact.clone())
+                })
+                .or_else(|| {
+                    let mut f = self.forwards.values().filter_map(|f| f.target.as_ref());
+                    f.find(|t| t.host == host).map(|t| t.contact.clone())
+                })
+                .or_else(|| {
+                    self.reqs
+                        .values()
+                        .filter_map(|r| r.target.as_ref())
+                        .find(|t| t.host == host)
+                        .map(|t| t.contact.clone())
+                });
             if let Some(contact) = contact {
                 self.send_ping(now, HostRef { host, contact }, attempt + 1);
                 return;
@@ -2731,7 +2770,18 @@ impl<C: Contact> AlmHost<C> {
         };
         match &f.target {
             None => self.reroute(now, fwd),
-            Some(t) if f.attempts < self.config.attempts_max => {
+            Some(t) if f.attempts < self.config.attempts_max * 4 => {
+                if f.attempts >= self.config.attempts_max {
+                    // Declaring the host dead (after pings) reroutes this hand-off.
+                    let h = Self::host_of(t);
+                    self.suspect(now, h);
+                }
+                let Some(f) = self.forwards.get_mut(&fwd) else {
+                    return;
+                };
+                let Some(t) = &f.target else {
+                    return;
+                };
                 f.attempts += 1;
                 f.deadline = now.plus_micros(self.config.request_timeout_us);
                 let body = Body::Multicast {
@@ -2747,14 +2797,7 @@ impl<C: Contact> AlmHost<C> {
                 self.timers.push(Reverse((d, Timer::Fwd(fwd))));
                 self.send(dest, body);
             }
-            Some(t) => {
-                let host = t.host;
-                self.declare_dead(now, host);
-                // declare_dead rerouted it unless the host was already known dead.
-                if self.forwards.contains_key(&fwd) {
-                    self.reroute(now, fwd);
-                }
-            }
+            Some(_) => self.reroute(now, fwd),
         }
     }
 
