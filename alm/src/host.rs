@@ -11,8 +11,8 @@ use crate::error::{AlmError, OpError};
 use crate::message::{AckStatus, Body, Message, RejectReason};
 use crate::rng::Rng;
 use crate::types::{
-    Bound, Bytes, Contact, HostId, HostRef, Key, KeyRange, MembershipVector, NodeRef, OpId,
-    Side, Time,
+    Bound, Bytes, Contact, HostId, HostRef, Key, KeyRange, MembershipVector, NodeRef, OpId, Side,
+    Time,
 };
 
 /// A message for the caller to send.
@@ -158,7 +158,9 @@ struct Node<C> {
 
 impl<C: Contact> Node<C> {
     fn nbr(&self, level: usize, side: Side) -> Option<&NodeRef<C>> {
-        self.levels.get(level).and_then(|p| p[side.index()].as_ref())
+        self.levels
+            .get(level)
+            .and_then(|p| p[side.index()].as_ref())
     }
 
     fn fill(&self, level: usize, side: Side) -> Option<u64> {
@@ -284,7 +286,11 @@ pub struct AlmHost<C: Contact> {
 
 fn closer(a: &Key, b: &Key, me: &Key) -> bool {
     // True if `a` lies strictly between `me` and `b` (a and b on the same side of me).
-    if b > me { a > me && a < b } else { a < me && a > b }
+    if b > me {
+        a > me && a < b
+    } else {
+        a < me && a > b
+    }
 }
 
 fn level_u8(level: usize) -> u8 {
@@ -369,7 +375,12 @@ impl<C: Contact> AlmHost<C> {
                 .iter()
                 .map(|(l, s, id)| {
                     let p = self.reqs.get(id);
-                    (*l, *s, p.is_some_and(|p| p.parked), p.map_or(999, |p| p.attempts))
+                    (
+                        *l,
+                        *s,
+                        p.is_some_and(|p| p.parked),
+                        p.map_or(999, |p| p.attempts),
+                    )
                 })
                 .collect()
         })
@@ -834,7 +845,11 @@ impl<C: Contact> AlmHost<C> {
         let mut budget = 100_000u32;
         loop {
             while let Some((key, level)) = self.grown.pop() {
-                if self.nodes.get(&key).is_some_and(|n| n.levels.len() == level) {
+                if self
+                    .nodes
+                    .get(&key)
+                    .is_some_and(|n| n.levels.len() == level)
+                {
                     self.start_fill(now, &key, level, Side::Left, FillStart::Walk);
                     self.start_fill(now, &key, level, Side::Right, FillStart::Walk);
                 }
@@ -1330,14 +1345,7 @@ impl<C: Contact> AlmHost<C> {
 
     /// Find (or confirm) the neighbour of `key` at `level` on `side`, starting with a link
     /// request to `start` if given. Does nothing if such a fill is already running.
-    fn start_fill(
-        &mut self,
-        now: Time,
-        key: &Key,
-        level: usize,
-        side: Side,
-        start: FillStart<C>,
-    ) {
+    fn start_fill(&mut self, now: Time, key: &Key, level: usize, side: Side, start: FillStart<C>) {
         let Some(node) = self.nodes.get(key) else {
             return;
         };
@@ -1499,7 +1507,11 @@ impl<C: Contact> AlmHost<C> {
         }
         if node.fill(level, side).is_some() {
             let me_key = node.me.key.clone();
-            match node.hints.iter_mut().find(|(l, s, _)| *l == level && *s == side) {
+            match node
+                .hints
+                .iter_mut()
+                .find(|(l, s, _)| *l == level && *s == side)
+            {
                 Some(h) => {
                     if closer(&cand.key, &h.2.key, &me_key) {
                         h.2 = cand;
@@ -1518,10 +1530,18 @@ impl<C: Contact> AlmHost<C> {
             return;
         };
         node.remove_fill(level, side);
-        if let Some(i) = node.hints.iter().position(|(l, s, _)| *l == level && *s == side) {
+        if let Some(i) = node
+            .hints
+            .iter()
+            .position(|(l, s, _)| *l == level && *s == side)
+        {
             let (_, _, cand) = node.hints.swap_remove(i);
             self.offer(now, key, level, side, cand);
-            if self.nodes.get(key).is_some_and(|n| n.fill(level, side).is_some()) {
+            if self
+                .nodes
+                .get(key)
+                .is_some_and(|n| n.fill(level, side).is_some())
+            {
                 return;
             }
         }
@@ -1582,7 +1602,11 @@ impl<C: Contact> AlmHost<C> {
             .recent
             .iter()
             .filter(|r| !self.dead.contains_key(&r.host))
-            .chain(self.recent.iter().filter(|r| self.dead.contains_key(&r.host)))
+            .chain(
+                self.recent
+                    .iter()
+                    .filter(|r| self.dead.contains_key(&r.host)),
+            )
             .nth(tried)
             .cloned()
         else {
@@ -1633,8 +1657,10 @@ impl<C: Contact> AlmHost<C> {
         let Some(node) = self.nodes.get_mut(key) else {
             return;
         };
-        let Some((level, searching, tried_right)) =
-            node.join.as_ref().map(|j| (j.level, j.search.is_some(), j.tried_right))
+        let Some((level, searching, tried_right)) = node
+            .join
+            .as_ref()
+            .map(|j| (j.level, j.search.is_some(), j.tried_right))
         else {
             return;
         };
@@ -1660,7 +1686,8 @@ impl<C: Contact> AlmHost<C> {
         }
         if (!left && !right) || level + 1 >= self.config.level_max {
             node.join = None;
-            node.levels.truncate(if left || right { level + 1 } else { level });
+            node.levels
+                .truncate(if left || right { level + 1 } else { level });
             self.event(Event::Inserted { key: key.clone() });
             self.settle(now, key);
             return;
@@ -1722,9 +1749,7 @@ impl<C: Contact> AlmHost<C> {
         let accept = match &cur {
             None => true,
             Some(c) => {
-                c.key == requester.key
-                    || !self.live(c)
-                    || closer(&requester.key, &c.key, &me.key)
+                c.key == requester.key || !self.live(c) || closer(&requester.key, &c.key, &me.key)
             }
         };
         let reply_to = Self::host_of(&requester);
@@ -2164,10 +2189,7 @@ impl<C: Contact> AlmHost<C> {
                 }
                 let attempts = p.attempts;
                 self.start_fill(now, &p.key, p.level, p.side, FillStart::Candidate);
-                if let Some(nid) = self
-                    .nodes
-                    .get(&p.key)
-                    .and_then(|n| n.fill(p.level, p.side))
+                if let Some(nid) = self.nodes.get(&p.key).and_then(|n| n.fill(p.level, p.side))
                     && let Some(np) = self.reqs.get_mut(&nid)
                 {
                     np.attempts = np.attempts.max(attempts);
@@ -2238,7 +2260,11 @@ impl<C: Contact> AlmHost<C> {
                     neighbour: None,
                 });
             }
-            if self.nodes.get(&k).is_some_and(|n| n.fill(l, side).is_none()) {
+            if self
+                .nodes
+                .get(&k)
+                .is_some_and(|n| n.fill(l, side).is_none())
+            {
                 self.start_fill(now, &k, l, side, FillStart::Candidate);
             }
         }
@@ -2324,9 +2350,7 @@ impl<C: Contact> AlmHost<C> {
                 continue;
             }
             let p = &self.peers[&h.host];
-            if p.ping.is_none()
-                && now.micros_since(p.last_heard) >= self.config.ping_interval_us
-            {
+            if p.ping.is_none() && now.micros_since(p.last_heard) >= self.config.ping_interval_us {
                 self.send_ping(now, h, 1);
             }
         }

@@ -29,6 +29,6 @@ pub use host::{AlmHost, Event, HostStats, NodeView, Transmit};
 pub use message::{AckStatus, Body, Message, RejectReason};
 pub use rng::Rng;
 pub use types::{
-    Bound, Bytes, Contact, ContactBytes, HostId, HostRef, Key, KeyRange, MembershipVector,
-    NodeRef, OpId, Side, Time,
+    Bound, Bytes, Contact, ContactBytes, HostId, HostRef, Key, KeyRange, MembershipVector, NodeRef,
+    OpId, Side, Time,
 };

@@ -260,7 +260,12 @@ impl Sim {
     }
 
     /// Insert `key` at host `h`, joining through `introducer` (a host index).
-    pub fn insert_key(&mut self, h: u32, key: Key, introducer: Option<u32>) -> Result<(), AlmError> {
+    pub fn insert_key(
+        &mut self,
+        h: u32,
+        key: Key,
+        introducer: Option<u32>,
+    ) -> Result<(), AlmError> {
         self.joining.insert((h, key.clone()));
         let r = self.with_host(h, |host, now| {
             host.insert_key(now, key.clone(), introducer.map(Self::host_ref))
@@ -309,9 +314,16 @@ impl Sim {
                 self.counters.lost += 1;
                 continue;
             }
-            let copies = if self.rng.chance(self.opts.duplicate) { 2 } else { 1 };
+            let copies = if self.rng.chance(self.opts.duplicate) {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
-                let span = self.opts.latency_max_us.saturating_sub(self.opts.latency_min_us);
+                let span = self
+                    .opts
+                    .latency_max_us
+                    .saturating_sub(self.opts.latency_min_us);
                 let at = self
                     .now
                     .plus_micros(self.opts.latency_min_us + self.rng.below(span + 1));
@@ -568,7 +580,11 @@ fn ideal_graph(all: &[NodeRef<u32>], level_max: usize) -> IdealGraph {
         if active.is_empty() {
             break;
         }
-        let mask = if level == 0 { 0 } else { u64::MAX >> (64 - level) };
+        let mask = if level == 0 {
+            0
+        } else {
+            u64::MAX >> (64 - level)
+        };
         let mut last: FxHashMap<u64, u32> = FxHashMap::default();
         let mut pairs: Vec<[Option<u32>; 2]> = vec![[None, None]; active.len()];
         let mut pos: FxHashMap<u32, usize> = FxHashMap::default();

@@ -151,11 +151,21 @@ pub fn check_multicasts(sim: &mut Sim, groups: u32, random_ranges: usize, seed: 
     let d = deliveries(sim);
     let empty = BTreeMap::new();
     for (op, r) in &sent {
-        let want: Vec<&Key> = keys.iter().map(|(k, _)| k).filter(|k| r.contains(k)).collect();
+        let want: Vec<&Key> = keys
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| r.contains(k))
+            .collect();
         let got = d.get(op).unwrap_or(&empty);
         for (k, n) in got {
-            assert!(r.contains(k), "seed {seed}: multicast {op} delivered outside {r:?} to {k}");
-            assert_eq!(*n, 1, "seed {seed}: multicast {op} delivered {n} times to {k}");
+            assert!(
+                r.contains(k),
+                "seed {seed}: multicast {op} delivered outside {r:?} to {k}"
+            );
+            assert_eq!(
+                *n, 1,
+                "seed {seed}: multicast {op} delivered {n} times to {k}"
+            );
         }
         assert_eq!(
             got.len(),
@@ -166,4 +176,3 @@ pub fn check_multicasts(sim: &mut Sim, groups: u32, random_ranges: usize, seed: 
         );
     }
 }
-

@@ -21,7 +21,10 @@ fn multicasts_reach_exactly_their_range_once() {
         opts.config.stabilize_interval_us = 5_000_000;
         let mut sim = build(seed, 250, 10, Some(opts));
         add_groups(&mut sim, 30, 5);
-        assert!(sim.run_until_joined(60_000_000), "seed {seed}: group keys did not join");
+        assert!(
+            sim.run_until_joined(60_000_000),
+            "seed {seed}: group keys did not join"
+        );
         sim.run_for(30_000_000);
         if let Err(e) = sim.check_consistency() {
             panic!("seed {seed}: {e}");
@@ -75,7 +78,8 @@ fn host_keys_and_member_keys_on_one_host() {
     // One host holds many keys at once, inserted and removed independently.
     let busy = sim.live_hosts()[3];
     for g in 0..40 {
-        sim.insert_key(busy, group_key(g, busy), None).expect("insert");
+        sim.insert_key(busy, group_key(g, busy), None)
+            .expect("insert");
     }
     assert!(sim.run_until_joined(60_000_000));
     sim.run_for(5_000_000);

@@ -64,5 +64,10 @@ fn heavy_churn_many_seeds() {
             Err(_) => failures.push(format!("seed {seed}: panicked (see above)")),
         }
     }
-    assert!(failures.is_empty(), "{} seeds failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
