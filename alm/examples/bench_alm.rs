@@ -18,6 +18,7 @@ fn main() {
             "--groups" => opts.groups = value.parse().expect("--groups N"),
             "--joins" => opts.joins = value.parse().expect("--joins N"),
             "--loss" => opts.loss = value.parse().expect("--loss P"),
+            "--repair-secs" => opts.repair_secs_max = value.parse().expect("--repair-secs S"),
             other => panic!("unknown argument {other}"),
         }
         i += 2;

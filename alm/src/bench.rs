@@ -37,6 +37,8 @@ pub struct AlmBenchOptions {
     pub joins: usize,
     /// Message loss during the churn phase.
     pub loss: f64,
+    /// Longest simulated time to wait for repair after the churn before measuring again.
+    pub repair_secs_max: u64,
 }
 
 impl Default for AlmBenchOptions {
@@ -49,6 +51,7 @@ impl Default for AlmBenchOptions {
             groups: 200,
             joins: 100,
             loss: 0.0,
+            repair_secs_max: 120,
         }
     }
 }
@@ -112,8 +115,11 @@ pub struct AlmBenchReport {
     pub churned: usize,
     /// Searches and multicasts started while the churn was going on.
     pub during_churn: Option<OpFigures>,
-    /// Simulated seconds from the end of the churn until the graph was ideal again.
+    /// Simulated seconds from the end of the churn until the graph was ideal again (None:
+    /// not within `repair_secs_max`; see `repair_wrong_links`).
     pub repair_secs: Option<f64>,
+    /// Wrong links (versus the ideal graph) every 10 simulated seconds after the churn.
+    pub repair_wrong_links: Vec<usize>,
     /// Link messages (joins, repairs, stabilisation) per churned host, until repaired.
     pub repair_messages_per_churned: Option<f64>,
     /// Searches and multicasts after repair converged.
@@ -163,7 +169,8 @@ fn group_key(g: usize, host: u32) -> Key {
 
 /// The configuration used for the benchmark's hosts: slower background traffic than the
 /// default (pings every 10 s, stabilisation every 60 s) so that 100,000 hosts simulate
-/// quickly; repair is driven by pings and by requests that go unanswered.
+/// quickly; repair is driven by pings and by requests that go unanswered, and finished
+/// by stabilisation.
 #[must_use]
 pub fn bench_config() -> Config {
     Config {
@@ -403,14 +410,23 @@ pub fn run(opts: &AlmBenchOptions) -> AlmBenchReport {
             }
             sim.run_for(500_000);
         }
-        // Operations started while repair is going on.
-        report.during_churn = Some(measure(&mut sim, opts, 3_000_000));
+        // Operations started while repair is going on (15 s to finish, retries included).
+        report.during_churn = Some(measure(&mut sim, opts, 15_000_000));
         sim.set_loss(0.0);
         let churn_end = sim.now();
         let mut repaired = None;
-        for _ in 0..30 {
+        for _ in 0..opts.repair_secs_max.div_ceil(10) {
             sim.run_for(10_000_000);
-            if sim.joins_pending() == 0 && sim.check_consistency().is_ok() {
+            let check = sim.check_consistency();
+            report.repair_wrong_links.push(match &check {
+                Ok(()) => 0,
+                Err(e) => e
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(usize::MAX),
+            });
+            if sim.joins_pending() == 0 && check.is_ok() {
                 repaired = Some(sim.now());
                 break;
             }

@@ -154,6 +154,8 @@ struct Node<C> {
     /// Level 0 lost a neighbour on these sides (index by `Side::index`): if repair finds
     /// none, probe through other hosts.
     lost0: [bool; 2],
+    /// Fills repairing a neighbour lost to a failure: if one finds nobody, look again later.
+    repairing: Vec<(usize, Side)>,
 }
 
 impl<C: Contact> Node<C> {
@@ -253,6 +255,10 @@ enum Timer {
     Fwd(u64),
     Search(u64),
     Ping(HostId, u64),
+    /// A joined node lost its levels from this one up: look for them again.
+    Regrow(Key, usize),
+    /// A repair found no neighbour at (level, side): look once more, by a walk.
+    Recheck(Key, usize, Side),
 }
 
 /// One host's skip-graph state machine. Drive it with `handle_*` and the operation calls;
@@ -282,6 +288,8 @@ pub struct AlmHost<C: Contact> {
     /// Hosts recently seen as neighbours (most recent first): other ways into the network
     /// if our own links are lost.
     recent: VecDeque<HostRef<C>>,
+    /// Joined nodes that lost top levels: (key, new height), to look again soon.
+    regrow: Vec<(Key, usize)>,
 }
 
 fn closer(a: &Key, b: &Key, me: &Key) -> bool {
@@ -330,6 +338,7 @@ impl<C: Contact> AlmHost<C> {
             stats: HostStats::default(),
             grown: Vec::new(),
             recent: VecDeque::new(),
+            regrow: Vec::new(),
         }
     }
 
@@ -457,6 +466,13 @@ impl<C: Contact> AlmHost<C> {
                 .peers
                 .get(h)
                 .is_some_and(|p| p.ping.is_some_and(|(n, _)| n == *nonce)),
+            Timer::Regrow(k, level) => self
+                .nodes
+                .get(k)
+                .is_some_and(|n| n.join.is_none() && n.levels.len() == *level),
+            Timer::Recheck(k, level, side) => self.nodes.get(k).is_some_and(|n| {
+                n.join.is_none() && *level <= n.levels.len() && n.nbr(*level, *side).is_none()
+            }),
         }
     }
 
@@ -585,6 +601,7 @@ impl<C: Contact> AlmHost<C> {
             next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
             hints: Vec::new(),
             lost0: [false; 2],
+            repairing: Vec::new(),
         };
         self.nodes.insert(key.clone(), node);
         self.ensure_tick(now);
@@ -637,6 +654,7 @@ impl<C: Contact> AlmHost<C> {
                 next_stabilize: now.plus_micros(self.config.stabilize_interval_us + jitter),
                 hints: Vec::new(),
                 lost0: [false; 2],
+                repairing: Vec::new(),
             },
         );
         self.ensure_tick(now);
@@ -836,6 +854,13 @@ impl<C: Contact> AlmHost<C> {
                 Timer::Fwd(id) => self.on_fwd_timeout(now, id),
                 Timer::Search(id) => self.on_search_timeout(now, id),
                 Timer::Ping(host, nonce) => self.on_ping_timeout(now, host, nonce),
+                Timer::Recheck(key, level, side) => {
+                    self.start_fill(now, &key, level, side, FillStart::Walk);
+                }
+                Timer::Regrow(key, level) => {
+                    self.start_fill(now, &key, level, Side::Left, FillStart::Walk);
+                    self.start_fill(now, &key, level, Side::Right, FillStart::Walk);
+                }
             }
             self.drain_loopback(now);
         }
@@ -844,6 +869,10 @@ impl<C: Contact> AlmHost<C> {
     fn drain_loopback(&mut self, now: Time) {
         let mut budget = 100_000u32;
         loop {
+            while let Some((key, level)) = self.regrow.pop() {
+                let at = now.plus_micros(self.config.retry_delay_us * 8);
+                self.timers.push(Reverse((at, Timer::Regrow(key, level))));
+            }
             while let Some((key, level)) = self.grown.pop() {
                 if self
                     .nodes
@@ -1553,6 +1582,14 @@ impl<C: Contact> AlmHost<C> {
             return;
         }
         if node.join.is_none() {
+            if let Some(i) = node.repairing.iter().position(|r| *r == (level, side)) {
+                node.repairing.swap_remove(i);
+                if node.nbr(level, side).is_none() {
+                    let at = now.plus_micros(self.config.retry_delay_us * 8);
+                    self.timers
+                        .push(Reverse((at, Timer::Recheck(key.clone(), level, side))));
+                }
+            }
             self.settle(now, key);
         }
     }
@@ -1646,7 +1683,11 @@ impl<C: Contact> AlmHost<C> {
                 .map(|f| f.2)
                 .collect();
             node.fills.retain(|(l, _, _)| *l < level);
+            let had = node.levels.len();
             node.levels.truncate(level);
+            if node.join.is_none() && had > level && level > 0 {
+                self.regrow.push((key.clone(), level));
+            }
             for id in dropped {
                 self.reqs.remove(&id);
             }
@@ -2259,6 +2300,13 @@ impl<C: Contact> AlmHost<C> {
                     side,
                     neighbour: None,
                 });
+            }
+            if let Some(n) = self.nodes.get_mut(&k)
+                && n.join.is_none()
+                && l > 0
+                && !n.repairing.contains(&(l, side))
+            {
+                n.repairing.push((l, side));
             }
             if self
                 .nodes

@@ -142,6 +142,8 @@ pub struct Sim {
     pub steps: u64,
     /// Debugging: print every message sent by these hosts to stderr.
     pub trace: Vec<u32>,
+    /// Debugging: hosts from this index on count as new in `debug_wrong_links`.
+    pub debug_new_from: u64,
 }
 
 impl Sim {
@@ -162,6 +164,7 @@ impl Sim {
             joining: FxHashSet::default(),
             steps: 0,
             trace: Vec::new(),
+            debug_new_from: u64::MAX,
         }
     }
 
@@ -473,6 +476,54 @@ impl Sim {
         for h in 0..self.hosts.len() as u32 {
             self.flush(h);
         }
+    }
+
+    /// Debugging: wrong links by level and kind ("missing", "extra", "other").
+    #[doc(hidden)]
+    pub fn debug_wrong_links(&self) -> BTreeMap<(usize, &'static str), usize> {
+        let mut out = BTreeMap::new();
+        let mut all: Vec<NodeRef<u32>> = Vec::new();
+        let mut views = Vec::new();
+        for (k, h) in self.live_keys() {
+            let host = self.hosts[h as usize].as_ref().expect("live");
+            let v = host.node(&k).expect("listed key");
+            all.push(v.me.clone());
+            views.push(v);
+        }
+        let graph = ideal_graph(&all, self.opts.config.level_max);
+        for (i, v) in views.iter().enumerate() {
+            let want = graph.links(i, &all);
+            for l in 0..v.levels.len().max(want.len()) {
+                let got = v.levels.get(l).cloned().unwrap_or([None, None]);
+                let exp = want.get(l).cloned().unwrap_or([None, None]);
+                for s in 0..2 {
+                    let kind = match (&got[s], &exp[s]) {
+                        (None, None) => continue,
+                        (Some(g), Some(e)) if g.key == e.key => continue,
+                        (None, Some(_)) => "missing",
+                        (Some(_), None) => "extra",
+                        (Some(g), Some(e)) => {
+                            if (g.key < e.key) == (s == 1) {
+                                "too_close"
+                            } else {
+                                "too_far"
+                            }
+                        }
+                    };
+                    let kind = if all[i].host.0 >= self.debug_new_from {
+                        match kind {
+                            "missing" => "missing_new",
+                            "too_far" => "too_far_new",
+                            k => k,
+                        }
+                    } else {
+                        kind
+                    };
+                    *out.entry((l.min(99), kind)).or_insert(0) += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Compare every joined node's lists with the ideal skip graph of the live keys.

@@ -257,7 +257,7 @@ pub struct HostRef<C> {
 }
 
 /// One side of a neighbour list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Side {
     /// Smaller keys.
     Left,
