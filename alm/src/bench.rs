@@ -246,15 +246,13 @@ fn measure(sim: &mut Sim, opts: &AlmBenchOptions, settle_us: u64) -> OpFigures {
             }
             Event::Delivered {
                 op, key, hops: h, ..
-            } => {
-                if multicasts.contains_key(op) {
-                    let e = delivered
-                        .entry(*op)
-                        .or_default()
-                        .entry(key.clone())
-                        .or_insert((0, *h));
-                    e.0 += 1;
-                }
+            } if multicasts.contains_key(op) => {
+                let e = delivered
+                    .entry(*op)
+                    .or_default()
+                    .entry(key.clone())
+                    .or_insert((0, *h));
+                e.0 += 1;
             }
             _ => {}
         }

@@ -1219,7 +1219,7 @@ impl<C: Contact> AlmHost<C> {
                 });
             }
             SearchPurpose::Probe(key, _, _) => {
-                if !self.nodes.get(&key).is_some_and(|n| n.join.is_none()) {
+                if self.nodes.get(&key).is_none_or(|n| n.join.is_some()) {
                     return;
                 }
                 for n in [Some(found), next].into_iter().flatten() {

@@ -150,7 +150,7 @@ impl Sim {
     /// An empty simulation.
     #[must_use]
     pub fn new(opts: SimOptions) -> Sim {
-        let rng = Rng::new(opts.seed ^ 0x5eed_0f_a1a1);
+        let rng = Rng::new(opts.seed ^ 0x005e_ed0f_a1a1);
         Sim {
             opts,
             now: Time::ZERO,

@@ -393,9 +393,7 @@ fn limits_give_clear_errors() {
         ),
         Err(AlmError::EmptyRange)
     );
-    // A single-host network answers its own searches locally; fill the in-flight limit
-    // with searches for a key whose answer never comes (a second key still joining keeps
-    // the search pending is not needed: local searches complete at once).
+    // A single-host network answers its own searches locally, at once.
     let done = host.search(t, key("b")).expect("local search");
     let mut found = false;
     while let Some(e) = host.poll_event() {
