@@ -120,6 +120,9 @@ pub struct AlmBenchReport {
     pub repair_secs: Option<f64>,
     /// Wrong links (versus the ideal graph) every 10 simulated seconds after the churn.
     pub repair_wrong_links: Vec<usize>,
+    /// The consistency checker's verdict at the end of the repair window (lowest level
+    /// at which a link is still wrong), if not yet ideal.
+    pub repair_remaining: Option<String>,
     /// Link messages (joins, repairs, stabilisation) per churned host, until repaired.
     pub repair_messages_per_churned: Option<f64>,
     /// Searches and multicasts after repair converged.
@@ -428,8 +431,12 @@ pub fn run(opts: &AlmBenchOptions) -> AlmBenchReport {
                 repaired = Some(sim.now());
                 break;
             }
+            report.repair_remaining = check.err();
         }
         report.repair_secs = repaired.map(|t| t.micros_since(churn_end) as f64 / 1e6);
+        if repaired.is_some() {
+            report.repair_remaining = None;
+        }
         report.repair_messages_per_churned =
             Some((sim.counters.of(LINK_KINDS) - link_before) as f64 / churned.max(1) as f64);
         report.after_repair = Some(measure(&mut sim, opts, 5_000_000));

@@ -95,6 +95,12 @@ pub enum Event<C> {
         /// The new neighbour.
         neighbour: Option<NodeRef<C>>,
     },
+    /// A joined key lost every link and no known host could bring it back: rejoin it
+    /// through a bootstrap host with [`AlmHost::rejoin`].
+    Isolated {
+        /// The key.
+        key: Key,
+    },
     /// A host stopped answering and was declared dead.
     HostDown {
         /// The host.
@@ -586,6 +592,12 @@ impl<C: Contact> AlmHost<C> {
                 max: self.config.ops_in_flight_max,
             });
         }
+        if let Some(i) = &introducer
+            && i.host != self.me.host
+        {
+            // A way (back) into the network if everything else is lost.
+            self.note_recent(i);
+        }
         let mv = MembershipVector(self.rng.next_u64());
         let jitter = self.rng.below(self.config.stabilize_interval_us.max(1));
         let node = Node {
@@ -714,6 +726,18 @@ impl<C: Contact> AlmHost<C> {
         for k in keys {
             let _ = self.remove_key(now, &k);
         }
+    }
+
+    /// Join `key` again through `introducer` (after `Event::Isolated`): the key keeps its
+    /// place in the operation of this host, its links are rebuilt.
+    pub fn rejoin(&mut self, now: Time, key: &Key, introducer: HostRef<C>) -> Result<(), AlmError> {
+        let Some(node) = self.nodes.remove(key) else {
+            return Err(AlmError::NoSuchKey(key.clone()));
+        };
+        for (_, _, req) in &node.fills {
+            self.reqs.remove(req);
+        }
+        self.insert_key(now, key.clone(), Some(introducer))
     }
 
     /// Search for the node holding `target` (or the nearest one). Reported as
@@ -1301,9 +1325,7 @@ impl<C: Contact> AlmHost<C> {
         if let SearchPurpose::Probe(key, side, tried) = &s.purpose {
             let (key, side, tried) = (key.clone(), *side, *tried);
             self.searches.remove(&seq);
-            if tried < 4 {
-                self.start_probe(now, &key, side, tried);
-            }
+            self.start_probe(now, &key, side, tried);
             return;
         }
         if s.attempt < self.config.attempts_max {
@@ -1623,6 +1645,29 @@ impl<C: Contact> AlmHost<C> {
         }
     }
 
+    /// `key` is joined but may have no link at all: join it again through another local
+    /// key if one is linked, else tell the caller.
+    fn report_isolated(&mut self, now: Time, key: &Key) {
+        let isolated = self.nodes.get(key).is_some_and(|n| {
+            n.join.is_none()
+                && n.levels.iter().all(|p| p.iter().all(Option::is_none))
+                && n.fills.is_empty()
+        });
+        if !isolated {
+            return;
+        }
+        let others = self
+            .nodes
+            .iter()
+            .any(|(k, n)| k != key && n.join.is_none() && !n.levels.is_empty());
+        if others {
+            self.nodes.remove(key);
+            let _ = self.insert_key(now, key.clone(), None);
+        } else {
+            self.event(Event::Isolated { key: key.clone() });
+        }
+    }
+
     fn note_recent(&mut self, h: &HostRef<C>) {
         if self.recent.front().is_some_and(|r| r.host == h.host) {
             return;
@@ -1635,6 +1680,10 @@ impl<C: Contact> AlmHost<C> {
     /// Search for `key` through the `tried`-th recently seen host (not through our own
     /// links, which may have split off with us), to find level 0 on `side` again.
     fn start_probe(&mut self, now: Time, key: &Key, side: Side, tried: usize) {
+        if tried >= 4 || tried >= self.recent.len() {
+            self.report_isolated(now, key);
+            return;
+        }
         let Some(via) = self
             .recent
             .iter()

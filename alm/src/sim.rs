@@ -140,6 +140,8 @@ pub struct Sim {
     joining: FxHashSet<(u32, Key)>,
     /// Messages processed so far.
     pub steps: u64,
+    /// Keys reported isolated, to rejoin through a random live host.
+    rejoins: Vec<(u32, Key)>,
     /// Debugging: print every message sent by these hosts to stderr.
     pub trace: Vec<u32>,
     /// Debugging: hosts from this index on count as new in `debug_wrong_links`.
@@ -164,6 +166,7 @@ impl Sim {
             joining: FxHashSet::default(),
             steps: 0,
             trace: Vec::new(),
+            rejoins: Vec::new(),
             debug_new_from: u64::MAX,
         }
     }
@@ -346,6 +349,8 @@ impl Sim {
                 Event::Inserted { key } | Event::InsertFailed { key, .. } => {
                     self.joining.remove(&(h, key.clone()));
                 }
+                // What the daemon does: rejoin through a bootstrap host.
+                Event::Isolated { key } => self.rejoins.push((h, key.clone())),
                 _ => {}
             }
             self.events.push((h, e));
@@ -367,6 +372,22 @@ impl Sim {
     fn step(&mut self, e: Entry) {
         self.now = e.at;
         self.steps += 1;
+        while let Some((h, key)) = self.rejoins.pop() {
+            let live: Vec<u32> = self
+                .live_hosts()
+                .into_iter()
+                .filter(|&x| x != h && self.host(x).is_some_and(|y| y.keys().next().is_some()))
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            let intro = live[self.rng.below(live.len() as u64) as usize];
+            self.joining.insert((h, key.clone()));
+            let r = self.with_host(h, |host, now| host.rejoin(now, &key, Self::host_ref(intro)));
+            if r.is_err() {
+                self.joining.remove(&(h, key));
+            }
+        }
         match e.item {
             Item::Deliver { to, msg } => {
                 let from = msg.from.host;
