@@ -23,7 +23,7 @@ fn main() {
         }
         i += 2;
     }
-    let report = run(&opts);
+    let report = run(opts);
     println!(
         "{}",
         serde_json::to_string(&report).expect("report serialises")

@@ -171,13 +171,13 @@ fn group_key(g: usize, host: u32) -> Key {
 }
 
 /// The configuration used for the benchmark's hosts: slower background traffic than the
-/// default (pings every 10 s, stabilisation every 60 s) so that 100,000 hosts simulate
+/// default (pings every 20 s, stabilisation every 60 s) so that 100,000 hosts simulate
 /// quickly; repair is driven by pings and by requests that go unanswered, and finished
 /// by stabilisation.
 #[must_use]
 pub fn bench_config() -> Config {
     Config {
-        ping_interval_us: 10_000_000,
+        ping_interval_us: 20_000_000,
         ping_timeout_us: 1_000_000,
         stabilize_interval_us: 60_000_000,
         ..Config::default()
@@ -316,7 +316,8 @@ fn measure(sim: &mut Sim, opts: &AlmBenchOptions, settle_us: u64) -> OpFigures {
 /// # Panics
 /// If `hosts` is 0.
 #[must_use]
-pub fn run(opts: &AlmBenchOptions) -> AlmBenchReport {
+pub fn run(opts: AlmBenchOptions) -> AlmBenchReport {
+    let opts = &opts;
     assert!(opts.hosts > 0, "bench alm needs at least one host");
     let started = Instant::now();
     let mut sim_opts = SimOptions::new(opts.seed);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{build, check_multicasts, check_searches, host_key};
+use common::{build, check_multicasts, check_searches, for_seeds, host_key};
 use vp_alm::sim::SimOptions;
 
 fn churn(seed: u64, n: usize, churn_pct: usize, loss: f64) {
@@ -65,14 +65,14 @@ fn set_loss(sim: &mut vp_alm::sim::Sim, loss: f64) {
 
 #[test]
 fn crashes_and_joins_are_repaired() {
-    for seed in [61, 62, 63] {
+    for_seeds([61, 62, 63], |seed| {
         churn(seed, 200, 10, 0.0);
-    }
+    });
 }
 
 #[test]
 fn heavy_churn_with_message_loss_is_repaired() {
-    for seed in [71, 72] {
+    for_seeds([71, 72], |seed| {
         churn(seed, 200, 25, 0.02);
-    }
+    });
 }

@@ -2,22 +2,22 @@
 
 mod common;
 
-use common::build;
+use common::{build, for_seeds};
 use vp_alm::sim::SimOptions;
 
 #[test]
 fn sequential_joins_build_the_ideal_graph() {
-    for seed in 1..=3 {
+    for_seeds(1..=3, |seed| {
         let sim = build(seed, 200, 1, None);
         if let Err(e) = sim.check_consistency() {
             panic!("seed {seed}: {e}");
         }
-    }
+    });
 }
 
 #[test]
 fn concurrent_joins_converge() {
-    for seed in 10..=19 {
+    for_seeds(10..=19, |seed| {
         let mut opts = SimOptions::new(seed);
         opts.config.stabilize_interval_us = 5_000_000;
         let mut sim = build(seed, 300, 20, Some(opts));
@@ -34,5 +34,5 @@ fn concurrent_joins_converge() {
             panic!("seed {seed}: {e}");
         }
         println!("seed {seed}: consistent right after the joins: {immediately}");
-    }
+    });
 }

@@ -3,20 +3,20 @@
 
 mod common;
 
-use common::{add_groups, build, check_multicasts, check_searches, group_key, host_key};
+use common::{add_groups, build, check_multicasts, check_searches, for_seeds, group_key, host_key};
 use vp_alm::sim::SimOptions;
 
 #[test]
 fn searches_find_their_owner() {
-    for seed in [21, 22] {
+    for_seeds([21, 22], |seed| {
         let mut sim = build(seed, 300, 10, None);
         check_searches(&mut sim, 300, seed);
-    }
+    });
 }
 
 #[test]
 fn multicasts_reach_exactly_their_range_once() {
-    for seed in [31, 32] {
+    for_seeds([31, 32], |seed| {
         let mut opts = SimOptions::new(seed);
         opts.config.stabilize_interval_us = 5_000_000;
         let mut sim = build(seed, 250, 10, Some(opts));
@@ -31,12 +31,12 @@ fn multicasts_reach_exactly_their_range_once() {
         }
         check_multicasts(&mut sim, 30, 20, seed);
         check_searches(&mut sim, 100, seed);
-    }
+    });
 }
 
 #[test]
 fn graceful_leaves_keep_lists_consistent() {
-    for seed in [41, 42, 43] {
+    for_seeds([41, 42, 43], |seed| {
         let mut opts = SimOptions::new(seed);
         opts.config.stabilize_interval_us = 5_000_000;
         let mut sim = build(seed, 200, 10, Some(opts));
@@ -66,12 +66,15 @@ fn graceful_leaves_keep_lists_consistent() {
         }
         check_searches(&mut sim, 100, seed);
         check_multicasts(&mut sim, 10, 10, seed);
-    }
+    });
 }
 
 #[test]
 fn host_keys_and_member_keys_on_one_host() {
-    let seed = 51;
+    for_seeds([51], one_host_many_keys);
+}
+
+fn one_host_many_keys(seed: u64) {
     let mut opts = SimOptions::new(seed);
     opts.config.stabilize_interval_us = 5_000_000;
     let mut sim = build(seed, 60, 5, Some(opts));

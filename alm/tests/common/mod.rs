@@ -6,6 +6,20 @@ use std::collections::{BTreeMap, HashMap};
 use vp_alm::sim::{Sim, SimOptions};
 use vp_alm::{Bytes, Event, Key, KeyRange, OpId};
 
+/// Run `f` for every seed; a failure (panic) is reported with the seed that reproduces it.
+pub fn for_seeds(seeds: impl IntoIterator<Item = u64>, f: impl Fn(u64)) {
+    for seed in seeds {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(seed))) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            panic!("failed with seed {seed} (rerun with this seed to reproduce): {msg}");
+        }
+    }
+}
+
 /// A host key: `h/` and 8 random bytes.
 pub fn host_key(sim: &mut Sim) -> Key {
     let r = sim.rng().next_u64();
