@@ -1054,7 +1054,8 @@ impl<C: Contact> AlmHost<C> {
         };
         let introducer = s.via.clone();
         s.attempt += 1;
-        let deadline = now.plus_micros(self.config.request_timeout_us * 4);
+        // Attempt k waits 4k request timeouts: later attempts leave time for repairs.
+        let deadline = now.plus_micros(self.config.request_timeout_us * 4 * u64::from(s.attempt));
         s.deadline = deadline;
         let attempt = s.attempt;
         let target = s.target.clone();
@@ -1172,7 +1173,12 @@ impl<C: Contact> AlmHost<C> {
                 .rev()
                 .filter_map(|l| node.nbr(l, side))
                 .find(|r| {
+                    // Never route to the searcher's own node for its own key: a joining
+                    // or repairing node looks for its place, not for itself (stale
+                    // references to it elsewhere would otherwise lead the search back).
+                    let own = r.host == origin.host && r.key == target;
                     self.live(r)
+                        && !own
                         && match side {
                             Side::Right => r.key <= target,
                             Side::Left => r.key >= target,
@@ -2821,7 +2827,9 @@ impl<C: Contact> AlmHost<C> {
             return;
         }
         let fwd = self.new_id();
-        let deadline = now.plus_micros(self.config.retry_delay_us);
+        // Back off: a repair may need a failure-detection round first.
+        let delay = self.config.retry_delay_us << attempts.min(5);
+        let deadline = now.plus_micros(delay);
         self.forwards.insert(
             fwd,
             Forward {
