@@ -249,6 +249,19 @@ struct Forward<C> {
 }
 
 #[derive(Debug)]
+struct SearchFwd<C> {
+    at: Key,
+    op: OpId,
+    attempt: u32,
+    target: Key,
+    origin: HostRef<C>,
+    hops: u32,
+    next: HostId,
+    deadline: Time,
+    reroutes: u32,
+}
+
+#[derive(Debug)]
 struct Peer {
     last_heard: Time,
     ping: Option<(u64, u32)>,
@@ -260,6 +273,7 @@ enum Timer {
     Req(u64),
     Fwd(u64),
     Search(u64),
+    SearchFwd(u64),
     Ping(HostId, u64),
     /// A joined node lost its levels from this one up: look for them again.
     Regrow(Key, usize),
@@ -291,6 +305,11 @@ pub struct AlmHost<C: Contact> {
     stats: HostStats,
     /// Joined nodes that gained a top level: (key, level to explore next).
     grown: Vec<(Key, usize)>,
+    /// Forwarded searches awaiting `SearchAck`.
+    search_fwds: FxHashMap<u64, SearchFwd<C>>,
+    /// Hosts that failed to acknowledge a search recently: routing avoids them until they
+    /// speak again (links are not changed for that; the failure detector decides).
+    avoid: FxHashMap<HostId, Time>,
     /// Hosts recently seen as neighbours (most recent first): other ways into the network
     /// if our own links are lost.
     recent: VecDeque<HostRef<C>>,
@@ -343,6 +362,8 @@ impl<C: Contact> AlmHost<C> {
             events: VecDeque::new(),
             stats: HostStats::default(),
             grown: Vec::new(),
+            search_fwds: FxHashMap::default(),
+            avoid: FxHashMap::default(),
             recent: VecDeque::new(),
             regrow: Vec::new(),
         }
@@ -468,6 +489,7 @@ impl<C: Contact> AlmHost<C> {
             Timer::Req(id) => self.reqs.get(id).is_some_and(|r| r.deadline == at),
             Timer::Fwd(id) => self.forwards.get(id).is_some_and(|f| f.deadline == at),
             Timer::Search(id) => self.searches.get(id).is_some_and(|s| s.deadline == at),
+            Timer::SearchFwd(id) => self.search_fwds.get(id).is_some_and(|s| s.deadline == at),
             Timer::Ping(h, nonce) => self
                 .peers
                 .get(h)
@@ -877,6 +899,39 @@ impl<C: Contact> AlmHost<C> {
                 Timer::Req(id) => self.on_req_timeout(now, id),
                 Timer::Fwd(id) => self.on_fwd_timeout(now, id),
                 Timer::Search(id) => self.on_search_timeout(now, id),
+                Timer::SearchFwd(id) => {
+                    if let Some(f) = self.search_fwds.remove(&id) {
+                        // The next hop is silent: avoid it, have it pinged, and route on
+                        // from here.
+                        self.avoid.insert(f.next, now);
+                        let contact = self.nodes.values().find_map(|n| {
+                            n.levels
+                                .iter()
+                                .flat_map(|p| p.iter().flatten())
+                                .find(|r| r.host == f.next)
+                                .map(|r| r.contact.clone())
+                        });
+                        if let Some(contact) = contact {
+                            self.suspect(
+                                now,
+                                HostRef {
+                                    host: f.next,
+                                    contact,
+                                },
+                            );
+                        }
+                        self.route_search_avoiding(
+                            now,
+                            &f.at,
+                            f.op,
+                            f.attempt,
+                            f.target,
+                            f.origin,
+                            f.hops,
+                            f.reroutes + 1,
+                        );
+                    }
+                }
                 Timer::Ping(host, nonce) => self.on_ping_timeout(now, host, nonce),
                 Timer::Recheck(key, level, side) => {
                     self.start_fill(now, &key, level, side, FillStart::Walk);
@@ -921,6 +976,7 @@ impl<C: Contact> AlmHost<C> {
         if from.host != self.me.host {
             // It speaks: it is not dead after all; and it is a way into the network.
             self.dead.remove(&from.host);
+            self.avoid.remove(&from.host);
             self.note_recent(&from);
             if let Some(p) = self.peers.get_mut(&from.host) {
                 p.last_heard = now;
@@ -942,7 +998,22 @@ impl<C: Contact> AlmHost<C> {
                 origin,
                 to,
                 hops,
-            } => self.on_search(now, &from, to, op, attempt, target, origin, hops),
+                fwd,
+            } => {
+                if fwd != 0 {
+                    self.send(from.clone(), Body::SearchAck { fwd });
+                }
+                self.on_search(now, &from, to, op, attempt, target, origin, hops);
+            }
+            Body::SearchAck { fwd } => {
+                if self
+                    .search_fwds
+                    .get(&fwd)
+                    .is_some_and(|f| f.next == from.host)
+                {
+                    self.search_fwds.remove(&fwd);
+                }
+            }
             Body::SearchReply {
                 op,
                 attempt,
@@ -1093,6 +1164,7 @@ impl<C: Contact> AlmHost<C> {
                     origin,
                     to: None,
                     hops: 0,
+                    fwd: 0,
                 },
             ),
             (Some(k), _) => self.route_search(now, &k, op, attempt, target, origin, 0),
@@ -1105,6 +1177,7 @@ impl<C: Contact> AlmHost<C> {
                     origin,
                     to: None,
                     hops: 0,
+                    fwd: 0,
                 },
             ),
             (None, None) => {
@@ -1156,7 +1229,7 @@ impl<C: Contact> AlmHost<C> {
     #[allow(clippy::too_many_arguments)]
     fn route_search(
         &mut self,
-        _now: Time,
+        now: Time,
         at: &Key,
         op: OpId,
         attempt: u32,
@@ -1164,21 +1237,39 @@ impl<C: Contact> AlmHost<C> {
         origin: HostRef<C>,
         hops: u32,
     ) {
+        self.route_search_avoiding(now, at, op, attempt, target, origin, hops, 0);
+    }
+
+    /// `route_search`, `reroutes` times already routed around a silent next hop.
+    #[allow(clippy::too_many_arguments)]
+    fn route_search_avoiding(
+        &mut self,
+        now: Time,
+        at: &Key,
+        op: OpId,
+        attempt: u32,
+        target: Key,
+        origin: HostRef<C>,
+        hops: u32,
+        reroutes: u32,
+    ) {
         let Some(node) = self.nodes.get(at) else {
             return;
         };
-        let next = match Side::of(&target, &node.me.key) {
+        let usable = |r: &NodeRef<C>, avoid_silent: bool| {
+            // Never route to the searcher's own node for its own key: a joining or
+            // repairing node looks for its place, not for itself (stale references to it
+            // elsewhere would otherwise lead the search back).
+            let own = r.host == origin.host && r.key == target;
+            self.live(r) && !own && !(avoid_silent && self.avoid.contains_key(&r.host))
+        };
+        let pick = |avoid_silent: bool| match Side::of(&target, &node.me.key) {
             None => None,
             Some(side) if hops < self.config.hops_max => (0..node.levels.len())
                 .rev()
                 .filter_map(|l| node.nbr(l, side))
                 .find(|r| {
-                    // Never route to the searcher's own node for its own key: a joining
-                    // or repairing node looks for its place, not for itself (stale
-                    // references to it elsewhere would otherwise lead the search back).
-                    let own = r.host == origin.host && r.key == target;
-                    self.live(r)
-                        && !own
+                    usable(r, avoid_silent)
                         && match side {
                             Side::Right => r.key <= target,
                             Side::Left => r.key >= target,
@@ -1187,18 +1278,47 @@ impl<C: Contact> AlmHost<C> {
                 .cloned(),
             Some(_) => None,
         };
+        // Prefer hosts that answered; fall back to a silent one rather than answering
+        // with a wrong node.
+        let next = pick(true).or_else(|| pick(false));
         match next {
-            Some(r) => self.send(
-                Self::host_of(&r),
-                Body::Search {
-                    op,
-                    attempt,
-                    target,
-                    origin,
-                    to: Some(r.key.clone()),
-                    hops: hops + 1,
-                },
-            ),
+            Some(r) => {
+                let mut fwd = 0;
+                if r.host != self.me.host
+                    && reroutes <= self.config.attempts_max
+                    && self.search_fwds.len() < self.config.forwards_in_flight_max
+                {
+                    fwd = self.new_id();
+                    let deadline = now.plus_micros(self.config.request_timeout_us);
+                    self.search_fwds.insert(
+                        fwd,
+                        SearchFwd {
+                            at: at.clone(),
+                            op,
+                            attempt,
+                            target: target.clone(),
+                            origin: origin.clone(),
+                            hops,
+                            next: r.host,
+                            deadline,
+                            reroutes,
+                        },
+                    );
+                    self.timers.push(Reverse((deadline, Timer::SearchFwd(fwd))));
+                }
+                self.send(
+                    Self::host_of(&r),
+                    Body::Search {
+                        op,
+                        attempt,
+                        target,
+                        origin,
+                        to: Some(r.key.clone()),
+                        hops: hops + 1,
+                        fwd,
+                    },
+                );
+            }
             None => {
                 let found = node.me.clone();
                 let exact = found.key == target;
@@ -2527,6 +2647,8 @@ impl<C: Contact> AlmHost<C> {
         }
         let memory = self.config.dead_memory_us;
         self.dead.retain(|_, t| now.micros_since(*t) < memory);
+        let avoid_for = self.config.ping_interval_us * 2;
+        self.avoid.retain(|_, t| now.micros_since(*t) < avoid_for);
     }
 
     /// Requests to `host` go unanswered: ping it (unless a ping is out already).

@@ -69,6 +69,14 @@ pub enum Body<C> {
         to: Option<Key>,
         /// Forwards so far.
         hops: u32,
+        /// Hand-off number at the forwarding host, to acknowledge with `SearchAck` (0: no
+        /// acknowledgement wanted).
+        fwd: u64,
+    },
+    /// Acknowledges a forwarded search (so the forwarder can route around a silent host).
+    SearchAck {
+        /// The hand-off.
+        fwd: u64,
     },
     /// The end of a search: the node holding `target`, or the nearest one (the largest
     /// key below it when routing rightwards, the smallest above it when leftwards).
@@ -241,6 +249,7 @@ impl<C> Body<C> {
             Body::Ping { .. } => "ping",
             Body::Pong { .. } => "pong",
             Body::Search { .. } => "search",
+            Body::SearchAck { .. } => "search_ack",
             Body::SearchReply { .. } => "search_reply",
             Body::LinkRequest { .. } => "link_request",
             Body::Walk { .. } => "walk",
@@ -306,6 +315,7 @@ impl<C: Contact> Message<C> {
         match &self.body {
             Body::Ping { .. }
             | Body::Pong { .. }
+            | Body::SearchAck { .. }
             | Body::MulticastAck { .. }
             | Body::MulticastEmpty { .. } => Ok(()),
             Body::Search {

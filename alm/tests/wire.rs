@@ -68,7 +68,7 @@ fn random_body(rng: &mut Rng) -> Body<u32> {
         1 => Bound::Excluded(random_key(rng, false)),
         _ => Bound::Unbounded,
     };
-    match rng.below(17) {
+    match rng.below(18) {
         0 => Body::Ping { nonce: req },
         1 => Body::Pong { nonce: req },
         2 => Body::Search {
@@ -78,6 +78,7 @@ fn random_body(rng: &mut Rng) -> Body<u32> {
             origin: hr(rng.below(5)),
             to: Some(random_key(rng, false)),
             hops: rng.below(300) as u32,
+            fwd: rng.below(3),
         },
         3 => Body::SearchReply {
             op,
@@ -157,6 +158,7 @@ fn random_body(rng: &mut Rng) -> Body<u32> {
         14 => Body::Gone {
             key: random_key(rng, false),
         },
+        16 => Body::SearchAck { fwd: req },
         15 => Body::Hint {
             to: random_key(rng, false),
             level,
@@ -192,7 +194,7 @@ fn every_message_kind_round_trips_through_cbor() {
         let back: Message<u32> = ciborium::from_reader(&buf[..]).expect("decode");
         assert_eq!(back, msg);
     }
-    assert_eq!(kinds.len(), 17, "every kind generated: {kinds:?}");
+    assert_eq!(kinds.len(), 18, "every kind generated: {kinds:?}");
     // Keys and payloads are CBOR byte strings, not arrays of integers.
     let msg = Message {
         from: hr(1),
@@ -337,6 +339,7 @@ fn invalid_messages_are_refused_with_reasons() {
                     origin: hr(1),
                     to: None,
                     hops: config.hops_max + 1,
+                    fwd: 0,
                 },
             },
         ),
