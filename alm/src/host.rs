@@ -457,6 +457,9 @@ impl<C: Contact> AlmHost<C> {
         total += self.forwards.capacity() * (std::mem::size_of::<(u64, Forward<C>)>() + 1);
         total += self.timers.capacity() * std::mem::size_of::<(Time, Timer)>();
         total += self.delivered.capacity() * (std::mem::size_of::<(OpId, Key)>() + 1);
+        total += self.search_fwds.capacity() * (std::mem::size_of::<(u64, SearchFwd<C>)>() + 1);
+        total += self.avoid.capacity() * (std::mem::size_of::<(HostId, Time)>() + 1);
+        total += self.recent.capacity() * std::mem::size_of::<HostRef<C>>();
         total
     }
 
