@@ -5,9 +5,11 @@
 //! - [`bench`]: the sandbox benchmarks
 //! - [`net`]: libp2p connections and vp's message streams
 //! - [`api`]: the daemon's local control API and its client
+//! - [`node`]: the daemon (`vp-host join`): the overlay, and the API routes
 
 pub mod api;
 pub mod bench;
 pub mod exec;
 pub mod net;
+pub mod node;
 pub mod sandbox;

@@ -25,6 +25,14 @@ struct Cli {
         env = "VP_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// The host's data directory (identity, API token, virtual-peer state).
+    /// Default: $VP_DATA_DIR, else ~/.local/share/vp-host.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The control API's address (loopback only). Clients default to the
+    /// address the daemon recorded in its data directory, the daemon to 127.0.0.1:7070.
+    #[arg(long, global = true, value_name = "ADDR", env = "VP_API")]
+    api: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -35,6 +43,26 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a host and join the network (runs until SIGTERM or Ctrl-C, then
+    /// leaves the overlay gracefully).
+    Join(JoinArgs),
+    /// Show this host: peer id, addresses, connected peers, overlay neighbours.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Use the skip-graph overlay directly (diagnostics and tests).
+    Overlay {
+        #[command(subcommand)]
+        which: OverlayCommand,
+    },
+    /// Create a private-network key file; give it to every host with
+    /// `vp-host join --network-key FILE`.
+    NetworkKey {
+        /// Where to write the key (never overwritten).
+        file: PathBuf,
+    },
     /// Run an app on this machine: JSON messages on stdin (one per line), one
     /// JSON reply per line on stdout; calls and sends the app makes go to stderr.
     Exec(ExecArgs),
@@ -47,6 +75,45 @@ enum Command {
     /// core under message loss, partitions, crashes and membership churn, with
     /// safety, exactly-once, linearizability and progress checkers.
     Sim(SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, value_name = "MULTIADDR", default_values = ["/ip4/0.0.0.0/tcp/7071", "/ip4/0.0.0.0/udp/7071/quic-v1"])]
+    listen: Vec<libp2p::Multiaddr>,
+    /// A host already in the network to join through (repeatable). Without
+    /// one, this host starts a new network.
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    /// Private network: only hosts with the same key can connect (TCP only; see docs/host.md).
+    #[arg(long, value_name = "FILE")]
+    network_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum OverlayCommand {
+    /// Find the node holding KEY (or the nearest one).
+    Search { key: String },
+    /// Deliver PAYLOAD to every key in a range, exactly once each.
+    Multicast {
+        /// Every key starting with this.
+        #[arg(long, conflicts_with_all = ["lo", "hi"])]
+        prefix: Option<String>,
+        /// Lowest key of the range.
+        #[arg(long, requires = "hi")]
+        lo: Option<String>,
+        /// Highest key of the range.
+        #[arg(long, requires = "lo")]
+        hi: Option<String>,
+        payload: String,
+    },
+    /// Multicasts this host's keys received recently.
+    Deliveries,
+    /// Insert an extra key held by this host.
+    Insert { key: String },
+    /// Remove a key this host holds.
+    Remove { key: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -235,9 +302,198 @@ fn print_json(report: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
+    }
+}
+
+fn run_join(args: JoinArgs, data_dir: PathBuf, api: Option<std::net::SocketAddr>) -> Result<()> {
+    let psk = args
+        .network_key
+        .as_deref()
+        .map(vp_host::net::identity::load_network_key)
+        .transpose()?;
+    let config = vp_host::node::NodeConfig {
+        data_dir,
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        api: api.unwrap_or_else(|| {
+            vp_host::api::DEFAULT_API_ADDR
+                .parse()
+                .expect("default parses")
+        }),
+        psk,
+        alm: vp_alm::Config::default(),
+        net: vp_host::net::NetConfig::default(),
+    };
+    runtime()?.block_on(vp_host::node::run(config, shutdown_signal()))
+}
+
+fn client(
+    cli_api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<vp_host::api::ApiClient> {
+    vp_host::api::ApiClient::locate(cli_api, data_dir)
+}
+
+fn run_status(
+    json: bool,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::api::HostStatus;
+    let status: HostStatus = runtime()?.block_on(client(api, data_dir)?.get("/v1/status"))?;
+    if json {
+        return print_json(&status);
+    }
+    println!(
+        "host      {} (host id {}, vp-host {})",
+        status.peer_id, status.host_id, status.version
+    );
+    println!("data dir  {}", status.data_dir);
+    println!("listening {}", status.listen_addrs.join(", "));
+    if let Some(fingerprint) = &status.private_network {
+        println!("network   private (key fingerprint {fingerprint})");
+    }
+    println!("peers     {} connected", status.connected_peers.len());
+    for peer in &status.connected_peers {
+        let rtt = peer
+            .rtt_us
+            .map(|us| format!(" rtt {:.2} ms", us as f64 / 1000.0))
+            .unwrap_or_default();
+        println!("          {} at {}{rtt}", peer.peer_id, peer.addr);
+    }
+    let overlay = &status.overlay;
+    println!(
+        "overlay   {}, {} keys",
+        if overlay.joined {
+            "joined"
+        } else {
+            "not joined yet"
+        },
+        overlay.keys.len()
+    );
+    for key in &overlay.keys {
+        let linked = key
+            .levels
+            .iter()
+            .filter(|l| l[0].is_some() || l[1].is_some())
+            .count();
+        println!(
+            "          {} ({}; linked at {linked} levels)",
+            key.key,
+            if key.joined { "joined" } else { "joining" }
+        );
+        if let Some([left, right]) = key.levels.first() {
+            let show = |n: &Option<vp_host::node::api::NeighbourStatus>| {
+                n.as_ref().map_or("-".to_string(), |n| n.key.clone())
+            };
+            println!("            level 0: {} <- -> {}", show(left), show(right));
+        }
+    }
+    let c = &status.counters;
+    println!(
+        "frames    {} sent, {} received, {} dropped (queue full), {} dropped (unreachable), {} bad",
+        c.frames_sent,
+        c.frames_received,
+        c.frames_dropped_queue_full,
+        c.frames_dropped_unreachable,
+        c.bad_frames
+    );
+    Ok(())
+}
+
+fn run_overlay(
+    which: OverlayCommand,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::api::*;
+    let client = client(api, data_dir)?;
+    let rt = runtime()?;
+    match which {
+        OverlayCommand::Search { key } => {
+            let answer: SearchAnswer =
+                rt.block_on(client.post("/v1/overlay/search", &SearchRequest { key }))?;
+            print_json(&answer)
+        }
+        OverlayCommand::Multicast {
+            prefix,
+            lo,
+            hi,
+            payload,
+        } => {
+            let request = MulticastRequest {
+                prefix,
+                lo,
+                hi,
+                payload,
+            };
+            let answer: MulticastAnswer =
+                rt.block_on(client.post("/v1/overlay/multicast", &request))?;
+            print_json(&answer)
+        }
+        OverlayCommand::Deliveries => {
+            let list: Vec<DeliveryRecord> = rt.block_on(client.get("/v1/overlay/deliveries"))?;
+            for d in list {
+                print_json(&d)?;
+            }
+            Ok(())
+        }
+        OverlayCommand::Insert { key } => {
+            let _: Done = rt.block_on(client.post("/v1/overlay/keys", &KeyRequest { key }))?;
+            Ok(())
+        }
+        OverlayCommand::Remove { key } => {
+            let _: Done =
+                rt.block_on(client.post("/v1/overlay/keys/remove", &KeyRequest { key }))?;
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(vp_host::api::default_data_dir);
     let result = match cli.command {
+        Command::Join(args) => {
+            init_logging(cli.log_format, "info,libp2p=warn,libp2p_swarm=warn");
+            run_join(args, data_dir, cli.api)
+        }
+        Command::Status { json } => {
+            init_logging(cli.log_format, "warn");
+            run_status(json, cli.api, &data_dir)
+        }
+        Command::Overlay { which } => {
+            init_logging(cli.log_format, "warn");
+            run_overlay(which, cli.api, &data_dir)
+        }
+        Command::NetworkKey { file } => {
+            init_logging(cli.log_format, "warn");
+            vp_host::net::identity::create_network_key(&file).map(|psk| {
+                println!("wrote {} (fingerprint {}); pass it to every host: vp-host join --network-key {}", file.display(), psk.fingerprint(), file.display());
+            })
+        }
         Command::Exec(args) => {
             init_logging(cli.log_format, "warn,vp::guest=info");
             run_exec(args)

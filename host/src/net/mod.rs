@@ -112,6 +112,8 @@ pub enum NetEvent<M> {
     },
     /// We listen on a new address.
     ListenAddr(Multiaddr),
+    /// A stream to this peer could not be opened (it is down or unreachable).
+    Unreachable { peer: PeerId },
 }
 
 /// Counters, for `vp-host status` and the logs.
@@ -300,6 +302,7 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     stats: NetStats,
     peer_queue_frames_max: usize,
+    unreachable: mpsc::Sender<PeerId>,
 }
 
 /// Handle to the host's network. Cheap to clone.
@@ -399,6 +402,15 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             .map_err(|_| anyhow::anyhow!("{PROTOCOL} registered twice"))?;
         let (commands, command_rx) = mpsc::channel(256);
         let (events, event_rx) = mpsc::channel(config.inbound_queue_frames_max);
+        let (unreachable, mut unreachable_rx) = mpsc::channel::<PeerId>(1024);
+        let forward = events.clone();
+        tokio::spawn(async move {
+            while let Some(peer) = unreachable_rx.recv().await {
+                if forward.send(NetEvent::Unreachable { peer }).await.is_err() {
+                    return;
+                }
+            }
+        });
         let inner = Arc::new(Inner {
             local,
             control,
@@ -407,6 +419,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             commands,
             stats: NetStats::default(),
             peer_queue_frames_max: config.peer_queue_frames_max,
+            unreachable,
         });
         tokio::spawn(swarm_task(
             swarm,
@@ -515,6 +528,27 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         )
     }
 
+    /// Wait until every peer's queue is empty (or `timeout` passes): used before
+    /// exiting, so a graceful leave's messages go out.
+    pub async fn flush(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let busy = self
+                .inner
+                .writers
+                .lock()
+                .expect("writers lock")
+                .values()
+                .any(|tx| tx.capacity() < tx.max_capacity());
+            if !busy {
+                // the last batch may still be in the writer's hands
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Counters only (no round trip to the swarm task).
     pub fn counters(&self) -> NetCounters {
         self.inner.stats.snapshot()
@@ -562,6 +596,7 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
                         .stats
                         .frames_dropped_unreachable
                         .fetch_add(frames, Ordering::Relaxed);
+                    let _ = inner.unreachable.try_send(peer);
                     if failures == 1 || failures.is_power_of_two() {
                         tracing::debug!(%peer, failures, "cannot open a stream: {e}; {frames} frames dropped");
                     }
@@ -573,6 +608,7 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
                         .stats
                         .frames_dropped_unreachable
                         .fetch_add(frames, Ordering::Relaxed);
+                    let _ = inner.unreachable.try_send(peer);
                     tracing::debug!(%peer, "opening a stream timed out; {frames} frames dropped");
                     continue;
                 }

@@ -1,0 +1,193 @@
+//! The daemon's control API routes and the JSON shapes they use. Each route
+//! asks the node task through a bounded channel and waits for its answer.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::ApiError;
+use crate::net::{ConnectedPeer, NetCounters};
+
+/// What the API asks the node.
+#[derive(Debug)]
+pub enum NodeRequest {
+    Status(oneshot::Sender<HostStatus>),
+    Search(SearchRequest, oneshot::Sender<Result<SearchAnswer, String>>),
+    Multicast(
+        MulticastRequest,
+        oneshot::Sender<Result<MulticastAnswer, String>>,
+    ),
+    Deliveries(oneshot::Sender<Vec<DeliveryRecord>>),
+    InsertKey(KeyRequest, oneshot::Sender<Result<(), String>>),
+    RemoveKey(KeyRequest, oneshot::Sender<Result<(), String>>),
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub peer_id: String,
+    pub host_id: String,
+    pub version: String,
+    pub data_dir: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: Vec<ConnectedPeer>,
+    pub counters: NetCounters,
+    pub private_network: Option<String>,
+    pub overlay: OverlayStatus,
+}
+
+/// The host's part of the skip graph.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    /// True once the host's own key is linked at every level.
+    pub joined: bool,
+    pub keys: Vec<KeyStatus>,
+    pub ops_in_flight: usize,
+    pub stats: serde_json::Value,
+}
+
+/// One key this host holds, with its neighbours per level (`[left, right]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyStatus {
+    pub key: String,
+    pub joined: bool,
+    pub membership_vector: String,
+    pub levels: Vec<[Option<NeighbourStatus>; 2]>,
+}
+
+/// A neighbour in the skip graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighbourStatus {
+    pub key: String,
+    pub host_id: String,
+    pub peer_id: String,
+}
+
+/// `POST /v1/overlay/search`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SearchRequest {
+    pub key: String,
+}
+
+/// The node holding the key (or the nearest one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SearchAnswer {
+    pub found: NeighbourStatus,
+    pub exact: bool,
+    pub hops: u32,
+}
+
+/// `POST /v1/overlay/multicast`: deliver `payload` to every key in `[lo, hi]`,
+/// or to every key starting with `prefix`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MulticastRequest {
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub lo: Option<String>,
+    #[serde(default)]
+    pub hi: Option<String>,
+    pub payload: String,
+}
+
+/// The multicast's id (deliveries on the receiving hosts name it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MulticastAnswer {
+    pub op: String,
+}
+
+/// A multicast that reached one of this host's keys (`GET /v1/overlay/deliveries`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub op: String,
+    pub key: String,
+    pub origin_host_id: String,
+    pub payload: String,
+    pub hops: u32,
+}
+
+/// `POST /v1/overlay/keys` and `/v1/overlay/keys/remove`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRequest {
+    pub key: String,
+}
+
+/// An empty success body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Done {}
+
+type Tx = mpsc::Sender<NodeRequest>;
+
+async fn ask<T>(
+    tx: &Tx,
+    make: impl FnOnce(oneshot::Sender<T>) -> NodeRequest,
+) -> Result<T, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply))
+        .await
+        .map_err(|_| ApiError::unavailable("the host is shutting down"))?;
+    rx.await
+        .map_err(|_| ApiError::unavailable("the host dropped the request (shutting down?)"))
+}
+
+async fn status(State(tx): State<Tx>) -> Result<Json<HostStatus>, ApiError> {
+    Ok(Json(ask(&tx, NodeRequest::Status).await?))
+}
+
+async fn search(
+    State(tx): State<Tx>,
+    Json(req): Json<SearchRequest>,
+) -> Result<Json<SearchAnswer>, ApiError> {
+    ask(&tx, |r| NodeRequest::Search(req, r))
+        .await?
+        .map(Json)
+        .map_err(ApiError::bad_request)
+}
+
+async fn multicast(
+    State(tx): State<Tx>,
+    Json(req): Json<MulticastRequest>,
+) -> Result<Json<MulticastAnswer>, ApiError> {
+    ask(&tx, |r| NodeRequest::Multicast(req, r))
+        .await?
+        .map(Json)
+        .map_err(ApiError::bad_request)
+}
+
+async fn deliveries(State(tx): State<Tx>) -> Result<Json<Vec<DeliveryRecord>>, ApiError> {
+    Ok(Json(ask(&tx, NodeRequest::Deliveries).await?))
+}
+
+async fn insert_key(
+    State(tx): State<Tx>,
+    Json(req): Json<KeyRequest>,
+) -> Result<Json<Done>, ApiError> {
+    ask(&tx, |r| NodeRequest::InsertKey(req, r))
+        .await?
+        .map(|()| Json(Done {}))
+        .map_err(ApiError::bad_request)
+}
+
+async fn remove_key(
+    State(tx): State<Tx>,
+    Json(req): Json<KeyRequest>,
+) -> Result<Json<Done>, ApiError> {
+    ask(&tx, |r| NodeRequest::RemoveKey(req, r))
+        .await?
+        .map(|()| Json(Done {}))
+        .map_err(ApiError::bad_request)
+}
+
+/// The routes, talking to the node through `tx`.
+pub fn router(tx: Tx) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/overlay/search", post(search))
+        .route("/v1/overlay/multicast", post(multicast))
+        .route("/v1/overlay/deliveries", get(deliveries))
+        .route("/v1/overlay/keys", post(insert_key))
+        .route("/v1/overlay/keys/remove", post(remove_key))
+        .with_state(tx)
+}

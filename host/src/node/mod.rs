@@ -1,0 +1,488 @@
+//! The daemon (`vp-host join`): one task, the node, owns the skip-graph host
+//! (and, later, this host's virtual-peer replicas). Everything reaches it as
+//! a message on a bounded channel: network events, API requests, results of
+//! background work; it answers by queueing network frames (never waiting on
+//! the network) and replying on oneshot channels.
+
+pub mod api;
+pub mod overlay;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use vp_alm::{AlmHost, Event as AlmEvent, HostId, HostRef, Key, KeyRange, OpId, Time};
+
+use crate::net::{Net, NetConfig, NetEvent};
+use api::{
+    DeliveryRecord, HostStatus, KeyStatus, MulticastAnswer, NeighbourStatus, NodeRequest,
+    OverlayStatus, SearchAnswer,
+};
+use overlay::{PeerContact, host_id_of, host_key, host_ref, key_text};
+
+/// Deliveries kept for `GET /v1/overlay/deliveries`.
+pub const DELIVERIES_KEPT_MAX: usize = 4096;
+/// Requests from the API queued for the node.
+pub const API_QUEUE_MAX: usize = 1024;
+/// How long a graceful leave waits for its messages to go out.
+pub const LEAVE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything hosts say to each other on `/vp/wire/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Wire {
+    /// A skip-graph message.
+    Alm(vp_alm::Message<PeerContact>),
+}
+
+/// How to run a host.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub api: SocketAddr,
+    pub psk: Option<PreSharedKey>,
+    pub alm: vp_alm::Config,
+    pub net: NetConfig,
+}
+
+/// Caller time for the cores: microseconds since the Unix epoch, never going
+/// backwards even if the wall clock does.
+#[derive(Debug, Default)]
+struct Clock {
+    last: u64,
+}
+
+impl Clock {
+    fn now_us(&mut self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.last = self.last.max(wall);
+        self.last
+    }
+}
+
+/// Results of background work, reported back to the node.
+enum Internal {
+    Bootstrapped(Result<HostRef<PeerContact>, String>),
+}
+
+struct Node {
+    cfg: NodeConfig,
+    net: Net<Wire>,
+    me: HostRef<PeerContact>,
+    alm: AlmHost<PeerContact>,
+    clock: Clock,
+    internal: mpsc::Sender<Internal>,
+    introducers: Vec<HostRef<PeerContact>>,
+    bootstrapping: bool,
+    searches: HashMap<OpId, oneshot::Sender<Result<SearchAnswer, String>>>,
+    inserts: HashMap<Key, Vec<oneshot::Sender<Result<(), String>>>>,
+    deliveries: VecDeque<DeliveryRecord>,
+}
+
+fn neighbour(n: &vp_alm::NodeRef<PeerContact>) -> NeighbourStatus {
+    NeighbourStatus {
+        key: key_text(&n.key),
+        host_id: format!("{:016x}", n.host.0),
+        peer_id: n.contact.peer.to_string(),
+    }
+}
+
+/// Run a host until `shutdown` resolves; then leave the overlay gracefully.
+pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let keypair = crate::net::identity::load_or_create_identity(&cfg.data_dir)?;
+    let net_config = NetConfig {
+        listen: cfg.listen.clone(),
+        psk: cfg.psk,
+        ..cfg.net.clone()
+    };
+    let (net, mut events) = Net::<Wire>::start(keypair, net_config).await?;
+    let local = net.local_peer_id();
+
+    // Our contact carries the addresses we actually listen on.
+    let mut addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while addrs.len() < cfg.listen.len() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(NetEvent::ListenAddr(addr))) => addrs.push(addr),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let me = host_ref(local, &addrs);
+    let seed = rand::random();
+    let mut node = Node {
+        alm: AlmHost::new(me.host, me.contact.clone(), cfg.alm.clone(), seed),
+        me,
+        net,
+        clock: Clock::default(),
+        internal: mpsc::channel(64).0,
+        introducers: Vec::new(),
+        bootstrapping: false,
+        searches: HashMap::new(),
+        inserts: HashMap::new(),
+        deliveries: VecDeque::new(),
+        cfg,
+    };
+    let (internal_tx, mut internal_rx) = mpsc::channel(64);
+    node.internal = internal_tx;
+    let (api_tx, mut api_rx) = mpsc::channel(API_QUEUE_MAX);
+    crate::api::serve(node.cfg.api, &node.cfg.data_dir, api::router(api_tx)).await?;
+    tracing::info!(peer_id = %local, host_id = %node.me.host, addrs = ?addrs, "host started");
+    node.join_overlay();
+
+    tokio::pin!(shutdown);
+    loop {
+        node.pump();
+        let timeout = node.alm.poll_timeout().map(|t| t.0);
+        let sleep = async {
+            match timeout {
+                Some(at) => {
+                    let wait = at.saturating_sub(node.clock.now_us());
+                    tokio::time::sleep(Duration::from_micros(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => node.on_net_event(event),
+                None => anyhow::bail!("the network stopped"),
+            },
+            Some(request) = api_rx.recv() => node.on_request(request),
+            Some(internal) = internal_rx.recv() => node.on_internal(internal),
+            () = sleep => {
+                let now = node.now();
+                node.alm.handle_timeout(now);
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("leaving the overlay");
+    let now = node.now();
+    node.alm.leave(now);
+    node.pump();
+    node.net.flush(LEAVE_FLUSH_TIMEOUT).await;
+    Ok(())
+}
+
+impl Node {
+    fn now(&mut self) -> Time {
+        Time(self.clock.now_us())
+    }
+
+    /// Insert this host's key: as the first host, or through a bootstrap host.
+    fn join_overlay(&mut self) {
+        if self.cfg.bootstrap.is_empty() {
+            let now = self.now();
+            match self.alm.insert_key(now, host_key(self.me.host), None) {
+                Ok(()) => tracing::info!("started a new overlay (no --bootstrap given)"),
+                Err(e) => tracing::error!("cannot insert this host's key: {e}"),
+            }
+            return;
+        }
+        self.bootstrap(Duration::ZERO);
+    }
+
+    /// Dial the bootstrap hosts in the background (after `delay`), one after
+    /// another until one answers; report the first that does.
+    fn bootstrap(&mut self, delay: Duration) {
+        if self.bootstrapping {
+            return;
+        }
+        self.bootstrapping = true;
+        let net = self.net.clone();
+        let addrs = self.cfg.bootstrap.clone();
+        let internal = self.internal.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut errors = Vec::new();
+            for addr in addrs {
+                match net.dial(addr.clone()).await {
+                    Ok(peer) if peer == net.local_peer_id() => {
+                        errors.push(format!("{addr} is this host"))
+                    }
+                    Ok(peer) => {
+                        let introducer = host_ref(peer, std::slice::from_ref(&addr));
+                        let _ = internal.send(Internal::Bootstrapped(Ok(introducer))).await;
+                        return;
+                    }
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            let _ = internal
+                .send(Internal::Bootstrapped(Err(errors.join("; "))))
+                .await;
+        });
+    }
+
+    fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Bootstrapped(result) => {
+                self.bootstrapping = false;
+                match result {
+                    Ok(introducer) => {
+                        self.net.add_addresses(
+                            introducer.contact.peer,
+                            introducer.contact.addrs.clone(),
+                        );
+                        if !self.introducers.contains(&introducer) {
+                            self.introducers.push(introducer.clone());
+                        }
+                        let now = self.now();
+                        let key = host_key(self.me.host);
+                        let result = if self.alm.node(&key).is_some() {
+                            self.alm.rejoin(now, &key, introducer.clone())
+                        } else {
+                            self.alm.insert_key(now, key, Some(introducer.clone()))
+                        };
+                        match result {
+                            Ok(()) => {
+                                tracing::info!(via = %introducer.contact.peer, "joining the overlay")
+                            }
+                            Err(e) => tracing::error!("cannot join the overlay: {e}"),
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!("no bootstrap host answered ({why}); retrying in 5 s");
+                        self.bootstrap(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_net_event(&mut self, event: NetEvent<Wire>) {
+        match event {
+            NetEvent::Message {
+                from,
+                msg: Wire::Alm(msg),
+            } => {
+                self.net
+                    .add_addresses(msg.from.contact.peer, msg.from.contact.addrs.clone());
+                if msg.from.contact.peer != from {
+                    tracing::warn!(%from, "overlay message names another peer as its sender; dropped");
+                    return;
+                }
+                let now = self.now();
+                if let Err(e) = self.alm.handle_message(now, host_id_of(&from), msg) {
+                    tracing::debug!(%from, "overlay message refused: {e}");
+                }
+            }
+            NetEvent::Identified {
+                peer, listen_addrs, ..
+            } => self.net.add_addresses(peer, listen_addrs),
+            NetEvent::Connected { .. }
+            | NetEvent::Disconnected { .. }
+            | NetEvent::ListenAddr(_) => {}
+            NetEvent::Unreachable { peer } => {
+                let now = self.now();
+                self.alm.handle_unreachable(now, host_id_of(&peer));
+            }
+        }
+    }
+
+    /// Move what the core produced: messages to the network, events to their
+    /// waiters.
+    fn pump(&mut self) {
+        while let Some(t) = self.alm.poll_send() {
+            let peer = t.to.contact.peer;
+            self.net
+                .add_addresses(peer, t.to.contact.addrs.iter().cloned());
+            if let Err(e) = self.net.send(peer, &Wire::Alm(t.msg)) {
+                tracing::debug!(%peer, "overlay message not sent: {e}");
+            }
+        }
+        while let Some(event) = self.alm.poll_event() {
+            self.on_alm_event(event);
+        }
+    }
+
+    fn on_alm_event(&mut self, event: AlmEvent<PeerContact>) {
+        match event {
+            AlmEvent::Inserted { key } => {
+                tracing::info!(key = %key_text(&key), "key joined the overlay");
+                for waiter in self.inserts.remove(&key).unwrap_or_default() {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            AlmEvent::InsertFailed { key, error } => {
+                tracing::warn!(key = %key_text(&key), "key could not join: {error}");
+                for waiter in self.inserts.remove(&key).unwrap_or_default() {
+                    let _ = waiter.send(Err(error.to_string()));
+                }
+                if key == host_key(self.me.host) && !self.cfg.bootstrap.is_empty() {
+                    self.bootstrap(Duration::from_secs(2));
+                }
+            }
+            AlmEvent::Removed { key } => {
+                tracing::debug!(key = %key_text(&key), "key left the overlay")
+            }
+            AlmEvent::SearchDone {
+                op,
+                found,
+                exact,
+                hops,
+                ..
+            } => {
+                if let Some(waiter) = self.searches.remove(&op) {
+                    let _ = waiter.send(Ok(SearchAnswer {
+                        found: neighbour(&found),
+                        exact,
+                        hops,
+                    }));
+                }
+            }
+            AlmEvent::SearchFailed { op, error, .. } => {
+                if let Some(waiter) = self.searches.remove(&op) {
+                    let _ = waiter.send(Err(error.to_string()));
+                }
+            }
+            AlmEvent::Delivered {
+                key,
+                op,
+                origin,
+                payload,
+                hops,
+            } => {
+                if self.deliveries.len() == DELIVERIES_KEPT_MAX {
+                    self.deliveries.pop_front();
+                }
+                self.deliveries.push_back(DeliveryRecord {
+                    op: op.to_string(),
+                    key: key_text(&key),
+                    origin_host_id: format!("{:016x}", origin.host.0),
+                    payload: String::from_utf8_lossy(payload.as_slice()).into_owned(),
+                    hops,
+                });
+            }
+            AlmEvent::MulticastEmpty { .. } | AlmEvent::NeighbourChanged { .. } => {}
+            AlmEvent::Isolated { key } => {
+                tracing::warn!(key = %key_text(&key), "key lost every link; rejoining through a bootstrap host");
+                if self.cfg.bootstrap.is_empty() && self.introducers.is_empty() {
+                    tracing::warn!(
+                        "no bootstrap host to rejoin through (started without --bootstrap)"
+                    );
+                } else {
+                    self.bootstrap(Duration::ZERO);
+                }
+            }
+            AlmEvent::HostDown { host } => tracing::info!(%host, "host declared dead"),
+        }
+    }
+
+    fn on_request(&mut self, request: NodeRequest) {
+        let now = self.now();
+        match request {
+            NodeRequest::Status(reply) => {
+                let net = self.net.clone();
+                let overlay = self.overlay_status();
+                let data_dir = self.cfg.data_dir.display().to_string();
+                let host_id = format!("{:016x}", self.me.host.0);
+                tokio::spawn(async move {
+                    if let Ok(s) = net.status().await {
+                        let _ = reply.send(HostStatus {
+                            peer_id: s.peer_id,
+                            host_id,
+                            version: env!("CARGO_PKG_VERSION").to_string(),
+                            data_dir,
+                            listen_addrs: s.listen_addrs,
+                            connected_peers: s.connected_peers,
+                            counters: s.counters,
+                            private_network: s.private_network,
+                            overlay,
+                        });
+                    }
+                });
+            }
+            NodeRequest::Search(req, reply) => {
+                match self.alm.search(now, Key::new(req.key.into_bytes())) {
+                    Ok(op) => {
+                        self.searches.insert(op, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            NodeRequest::Multicast(req, reply) => {
+                let range = match (req.prefix, req.lo, req.hi) {
+                    (Some(prefix), None, None) => KeyRange::prefix(prefix.as_bytes()),
+                    (None, Some(lo), Some(hi)) => {
+                        KeyRange::inclusive(Key::new(lo.into_bytes()), Key::new(hi.into_bytes()))
+                    }
+                    _ => {
+                        let _ = reply.send(Err(
+                            "give either \"prefix\", or both \"lo\" and \"hi\"".to_string(),
+                        ));
+                        return;
+                    }
+                };
+                let result = self
+                    .alm
+                    .multicast(now, range, vp_alm::Bytes::copy_from(req.payload.as_bytes()))
+                    .map(|op| MulticastAnswer { op: op.to_string() })
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            NodeRequest::Deliveries(reply) => {
+                let _ = reply.send(self.deliveries.iter().cloned().collect());
+            }
+            NodeRequest::InsertKey(req, reply) => {
+                let key = Key::new(req.key.into_bytes());
+                let introducer = self.introducers.first().cloned();
+                match self.alm.insert_key(now, key.clone(), introducer) {
+                    Ok(()) => self.inserts.entry(key).or_default().push(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            NodeRequest::RemoveKey(req, reply) => {
+                let key = Key::new(req.key.into_bytes());
+                let _ = reply.send(self.alm.remove_key(now, &key).map_err(|e| e.to_string()));
+            }
+        }
+    }
+
+    fn overlay_status(&self) -> OverlayStatus {
+        let mut keys: Vec<KeyStatus> = self
+            .alm
+            .keys()
+            .filter_map(|k| self.alm.node(k))
+            .map(|view| KeyStatus {
+                key: key_text(&view.me.key),
+                joined: view.joined,
+                membership_vector: format!("{:016x}", view.me.mv.0),
+                levels: view
+                    .levels
+                    .iter()
+                    .map(|[l, r]| [l.as_ref().map(neighbour), r.as_ref().map(neighbour)])
+                    .collect(),
+            })
+            .collect();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        let own = key_text(&host_key(self.me.host));
+        OverlayStatus {
+            joined: keys.iter().any(|k| k.key == own && k.joined),
+            keys,
+            ops_in_flight: self.alm.ops_in_flight(),
+            stats: serde_json::to_value(self.alm.stats()).unwrap_or_default(),
+        }
+    }
+}
+
+/// This host's id in the overlay and in consensus, from its peer id.
+pub fn host_id(peer: &PeerId) -> HostId {
+    host_id_of(peer)
+}
