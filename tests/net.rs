@@ -117,6 +117,31 @@ async fn private_networks_keep_strangers_out() {
 }
 
 #[tokio::test]
+async fn a_private_host_skips_quic_and_listens_on_tcp() {
+    let psk = libp2p::pnet::PreSharedKey::new([3; 32]);
+    let listen = vec![
+        "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
+        "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+    ];
+    let config = NetConfig {
+        listen,
+        psk: Some(psk),
+        ..NetConfig::default()
+    };
+    let (_net, mut events) = Net::<Msg>::start(Keypair::generate_ed25519(), config)
+        .await
+        .unwrap();
+    let addr = loop {
+        if let NetEvent::ListenAddr(addr) = events.recv().await.unwrap() {
+            break addr;
+        }
+    };
+    assert!(addr.to_string().contains("/tcp/"), "{addr}");
+    let (friend, _, _) = host(Some(psk)).await;
+    friend.dial(addr).await.unwrap();
+}
+
+#[tokio::test]
 async fn malformed_and_oversized_frames_close_the_connection_only() {
     let (victim, mut victim_events, victim_addr) = host(None).await;
     let (attacker, _, _) = host(None).await;

@@ -392,6 +392,13 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
             .build();
         for addr in &config.listen {
+            let quic = addr
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1));
+            if quic && private.is_some() {
+                tracing::warn!(%addr, "private network: QUIC cannot carry the network key; not listening there");
+                continue;
+            }
             swarm
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;

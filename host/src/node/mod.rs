@@ -109,15 +109,26 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (net, mut events) = Net::<Wire>::start(keypair, net_config).await?;
     let local = net.local_peer_id();
 
-    // Our contact carries the addresses we actually listen on.
+    // Our contact carries the addresses we actually listen on: wait for the
+    // first, then take whatever else comes right after (one per interface
+    // for 0.0.0.0, one per transport).
     let mut addrs = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while addrs.len() < cfg.listen.len() {
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(NetEvent::ListenAddr(addr))) => addrs.push(addr),
+            Ok(Some(NetEvent::ListenAddr(addr))) => {
+                if addrs.is_empty() {
+                    deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+                }
+                addrs.push(addr);
+            }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
+            Ok(None) => anyhow::bail!("the network stopped while starting"),
+            Err(_) => break,
         }
+    }
+    if addrs.is_empty() {
+        anyhow::bail!("not listening on any address (check --listen)");
     }
     let me = host_ref(local, &addrs);
     let seed = rand::random();
