@@ -428,6 +428,28 @@ impl<C: Contact> AlmHost<C> {
         self.recent.iter().map(|r| r.host).collect()
     }
 
+    /// Debugging: each running fill of `key`, described.
+    #[doc(hidden)]
+    pub fn debug_fill_targets(&self, key: &Key) -> Vec<String> {
+        self.nodes.get(key).map_or_else(Vec::new, |n| {
+            n.fills
+                .iter()
+                .map(|(l, s, id)| match self.reqs.get(id) {
+                    Some(p) => format!(
+                        "{l}{s:?}->{:?} {} r{} a{} b{} park{}",
+                        p.target.as_ref().map(|t| t.host.0),
+                        p.body.as_ref().map_or("-", Body::kind),
+                        p.redirects,
+                        p.attempts,
+                        p.beyond,
+                        p.parked
+                    ),
+                    None => format!("{l}{s:?} no request"),
+                })
+                .collect()
+        })
+    }
+
     /// Debugging: hosts currently believed dead.
     #[doc(hidden)]
     pub fn debug_dead(&self) -> Vec<HostId> {
@@ -1806,6 +1828,26 @@ impl<C: Contact> AlmHost<C> {
         self.recent.truncate(16);
     }
 
+    /// Search for `key` (skipping itself) from host `via`, to find level 0 on `side`.
+    fn start_probe_via(&mut self, now: Time, key: &Key, side: Side, via: HostRef<C>) {
+        if self.searches.len() >= self.config.ops_in_flight_max {
+            return;
+        }
+        let seq = self.new_id();
+        self.searches.insert(
+            seq,
+            PendingSearch {
+                target: key.clone(),
+                attempt: 0,
+                deadline: Time::ZERO,
+                // Counted as the last contact tried: a timeout does not go on to others.
+                purpose: SearchPurpose::Probe(key.clone(), side, usize::MAX - 1),
+                via: Some(via),
+            },
+        );
+        self.search_attempt(now, seq);
+    }
+
     /// Search for `key` through the `tried`-th recently seen host (not through our own
     /// links, which may have split off with us), to find level 0 on `side` again.
     fn start_probe(&mut self, now: Time, key: &Key, side: Side, tried: usize) {
@@ -2249,6 +2291,22 @@ impl<C: Contact> AlmHost<C> {
                 n.remove_fill(l, s);
             }
             self.join_research(now, to, Some(Self::host_of(&next)));
+            return;
+        }
+        if node.join.is_none() && p.redirects >= 8 {
+            // A long redirect chain walks the list one node at a time: far from our place.
+            // Let the upper levels take us there instead: at level 0 a search for our own
+            // key from `next`, above it a walk on the level below.
+            let (l, s) = (p.level, p.side);
+            self.reqs.remove(&req);
+            if let Some(n) = self.nodes.get_mut(to) {
+                n.remove_fill(l, s);
+            }
+            if l == 0 {
+                self.start_probe_via(now, to, s, Self::host_of(&next));
+            } else {
+                self.start_fill(now, to, l, s, FillStart::Walk);
+            }
             return;
         }
         let body = Body::LinkRequest {
