@@ -180,6 +180,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         payload_bytes: usize,
     },
+    /// The skip graph in simulation: search hops, multicast to a 5-member
+    /// group, delivery ratio, join cost; with churn, the same after repair.
+    Alm {
+        /// Hosts in the simulated network.
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        /// Percentage of hosts that crash (and as many that join) before measuring again.
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Seed of the simulation.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Snapshot and restore (into a fresh engine) of a guest holding bulk state.
     Snapshot {
         /// State the guest holds, MiB.
@@ -506,6 +519,15 @@ fn main() -> ExitCode {
                 }
                 BenchCommand::Snapshot { state_mib, rounds } => {
                     vp_host::bench::snapshot(state_mib, rounds).and_then(|r| print_json(&r))
+                }
+                BenchCommand::Alm { hosts, churn, seed } => {
+                    let options = vp_alm::bench::AlmBenchOptions {
+                        hosts,
+                        churn_pct: churn,
+                        seed,
+                        ..vp_alm::bench::AlmBenchOptions::default()
+                    };
+                    print_json(&vp_alm::bench::run(options))
                 }
                 BenchCommand::Core {
                     proposers,
