@@ -42,7 +42,7 @@ pub struct HostId(pub u64);
 
 impl fmt::Display for HostId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "host-{:016x}", self.0)
+        write!(f, "{:016x}", self.0)
     }
 }
 

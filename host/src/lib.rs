@@ -6,6 +6,7 @@
 //! - [`net`]: libp2p connections and vp's message streams
 //! - [`api`]: the daemon's local control API and its client
 //! - [`node`]: the daemon (`vp-host join`): the overlay, and the API routes
+//! - [`vp`]: virtual peers: member threads, their messages, the module store
 
 pub mod api;
 pub mod bench;
@@ -13,3 +14,4 @@ pub mod exec;
 pub mod net;
 pub mod node;
 pub mod sandbox;
+pub mod vp;

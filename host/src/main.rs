@@ -46,11 +46,31 @@ enum Command {
     /// Start a host and join the network (runs until SIGTERM or Ctrl-C, then
     /// leaves the overlay gracefully).
     Join(JoinArgs),
-    /// Show this host: peer id, addresses, connected peers, overlay neighbours.
+    /// Show this host (peer id, addresses, peers, overlay neighbours, virtual
+    /// peers it is a member of), or one virtual peer.
     Status {
+        /// A virtual peer (id or name): its members, leader, epoch, slots, state.
+        vp: Option<String>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Deploy an app as a virtual peer; prints its id once the members run.
+    Spawn(SpawnArgs),
+    /// Send one message (JSON) to a virtual peer and print its reply. Retries
+    /// through leader changes with the same session and sequence number, so it
+    /// takes effect exactly once. Exit status 3 for an error reply.
+    Send {
+        /// The virtual peer: id (16 hex digits) or a name known to this host.
+        vp: String,
+        /// The message, as JSON (e.g. '{"add": 5}').
+        msg: String,
+        /// Answer through the linearizable read path (no log entry; the app's `read`).
+        #[arg(long)]
+        read: bool,
+        /// Give up after this long, milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
     },
     /// Use the skip-graph overlay directly (diagnostics and tests).
     Overlay {
@@ -89,6 +109,27 @@ struct JoinArgs {
     /// Private network: only hosts with the same key can connect (TCP only; see docs/host.md).
     #[arg(long, value_name = "FILE")]
     network_key: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SpawnArgs {
+    /// The app: a .wasm file, or the name of a bundled example (counter, kv, chat, stress).
+    app: String,
+    /// Members (hosts that each run the app and vote on the order of messages).
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// A name for the virtual peer (usable instead of its id on this host).
+    #[arg(long)]
+    name: Option<String>,
+    /// Fuel each message may use.
+    #[arg(long, value_name = "F", default_value_t = GuestLimits::default().fuel_per_message)]
+    fuel_per_message: u64,
+    /// Largest linear memory the app may grow to (suffixes K, M, G).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256M")]
+    memory_max: u64,
+    /// Replace a member the leader has not heard from for this long, ms.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    replace_after_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -367,11 +408,21 @@ fn client(
 }
 
 fn run_status(
+    vp: Option<String>,
     json: bool,
     api: Option<std::net::SocketAddr>,
     data_dir: &std::path::Path,
 ) -> Result<()> {
     use vp_host::node::api::HostStatus;
+    if let Some(vp) = vp {
+        let status: vp_host::vp::VpStatus =
+            runtime()?.block_on(client(api, data_dir)?.get(&format!("/v1/vps/{vp}")))?;
+        if json {
+            return print_json(&status);
+        }
+        print_vp_status(&status);
+        return Ok(());
+    }
     let status: HostStatus = runtime()?.block_on(client(api, data_dir)?.get("/v1/status"))?;
     if json {
         return print_json(&status);
@@ -421,6 +472,22 @@ fn run_status(
             println!("            level 0: {} <- -> {}", show(left), show(right));
         }
     }
+    println!("vps       member of {}", status.virtual_peers.len());
+    for vp in &status.virtual_peers {
+        let name = vp
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        println!(
+            "          {}{name}: {}, leader {}, epoch {}, applied below slot {}",
+            vp.vp,
+            vp.role,
+            vp.leader.as_deref().unwrap_or("unknown"),
+            vp.epoch,
+            vp.applied_below
+        );
+    }
     let c = &status.counters;
     println!(
         "frames    {} sent, {} received, {} dropped (queue full), {} dropped (unreachable), {} bad",
@@ -431,6 +498,114 @@ fn run_status(
         c.bad_frames
     );
     Ok(())
+}
+
+fn print_vp_status(s: &vp_host::vp::VpStatus) {
+    let name = s
+        .name
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    println!("vp        {}{name}", s.vp);
+    println!("module    {}", s.module);
+    println!("this host {} in epoch {}", s.role, s.epoch);
+    println!("leader    {}", s.leader.as_deref().unwrap_or("none known"));
+    println!("members   {}", s.voters.join(", "));
+    if !s.learners.is_empty() {
+        println!("joining   {}", s.learners.join(", "));
+    }
+    if let Some(dead) = &s.replacing {
+        println!("replacing {dead}");
+    }
+    println!(
+        "slots     decided below {}, applied below {}, last snapshot at {}",
+        s.decided_below, s.applied_below, s.snapshot_slot
+    );
+    println!(
+        "state     {} bytes of memory, digest {}, {} messages handled here, {} outbound pending",
+        s.state_bytes,
+        s.state_digest.as_deref().unwrap_or("-"),
+        s.guest_handled,
+        s.outbox
+    );
+}
+
+fn run_spawn(
+    args: SpawnArgs,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::vps::SpawnEvent;
+    let wasm = app_bytes(&args.app)?;
+    let mut query = format!(
+        "/v1/vps?members={}&fuel_per_message={}&memory_max={}&replace_after_ms={}",
+        args.members, args.fuel_per_message, args.memory_max, args.replace_after_ms
+    );
+    if let Some(name) = &args.name {
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            anyhow::bail!("a name may use letters, digits, - and _ only");
+        }
+        query.push_str(&format!("&name={name}"));
+    }
+    let client = client(api, data_dir)?;
+    let mut outcome: Option<Result<String, String>> = None;
+    runtime()?.block_on(client.post_lines(&query, wasm, |line| {
+        match serde_json::from_str::<SpawnEvent>(line) {
+            Ok(SpawnEvent::Progress { message }) => eprintln!("  {message}"),
+            Ok(SpawnEvent::Done {
+                vp,
+                members,
+                leader,
+            }) => {
+                eprintln!("  members: {}; leader: {leader}", members.join(", "));
+                outcome = Some(Ok(vp));
+            }
+            Ok(SpawnEvent::Failed { error }) => outcome = Some(Err(error)),
+            Err(_) => eprintln!("  {line}"),
+        }
+    }))?;
+    match outcome {
+        Some(Ok(vp)) => {
+            println!("{vp}");
+            Ok(())
+        }
+        Some(Err(e)) => anyhow::bail!("spawn failed: {e}"),
+        None => anyhow::bail!("the daemon stopped answering before the spawn finished"),
+    }
+}
+
+/// Returns whether the reply was a success (false: an error reply).
+fn run_send(
+    vp: &str,
+    msg: &str,
+    read: bool,
+    timeout_ms: u64,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<bool> {
+    use vp_host::node::api::{SendAnswer, SendRequest};
+    let msg: serde_json::Value =
+        serde_json::from_str(msg).with_context(|| format!("the message is not JSON: {msg}"))?;
+    let request = SendRequest {
+        msg,
+        read,
+        timeout_ms: Some(timeout_ms),
+    };
+    let answer: SendAnswer = runtime()?
+        .block_on(client(api, data_dir)?.post(&format!("/v1/vps/{vp}/send"), &request))?;
+    match (answer.reply, answer.error) {
+        (_, Some(error)) => {
+            println!("{}", serde_json::json!({ "error": error }));
+            Ok(false)
+        }
+        (reply, None) => {
+            println!("{}", reply.unwrap_or(serde_json::Value::Null));
+            Ok(true)
+        }
+    }
 }
 
 fn run_overlay(
@@ -493,9 +668,26 @@ fn main() -> ExitCode {
             init_logging(cli.log_format, "info,libp2p=warn,libp2p_swarm=warn");
             run_join(args, data_dir, cli.api)
         }
-        Command::Status { json } => {
+        Command::Status { vp, json } => {
             init_logging(cli.log_format, "warn");
-            run_status(json, cli.api, &data_dir)
+            run_status(vp, json, cli.api, &data_dir)
+        }
+        Command::Spawn(args) => {
+            init_logging(cli.log_format, "warn");
+            run_spawn(args, cli.api, &data_dir)
+        }
+        Command::Send {
+            vp,
+            msg,
+            read,
+            timeout_ms,
+        } => {
+            init_logging(cli.log_format, "warn");
+            match run_send(&vp, &msg, read, timeout_ms, cli.api, &data_dir) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(3),
+                Err(e) => Err(e),
+            }
         }
         Command::Overlay { which } => {
             init_logging(cli.log_format, "warn");

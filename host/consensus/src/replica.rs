@@ -562,6 +562,24 @@ impl Replica {
         &self.sessions
     }
 
+    /// At the leader: for every other host in the configuration (voters and
+    /// learners), how long ago it last acknowledged this leader, in µs (for a
+    /// host never heard from, how long this replica has been leading). Empty
+    /// when not leading. The caller's failure detector for member replacement.
+    pub fn member_silence_us(&self, now: Time) -> Vec<(HostId, u64)> {
+        let Some(l) = &self.leading else {
+            return Vec::new();
+        };
+        self.membership
+            .all_hosts()
+            .filter(|&h| h != self.cfg.id)
+            .map(|h| {
+                let heard = l.peers.get(&h).and_then(|p| p.last_ack).unwrap_or(l.since);
+                (h, now.since(heard))
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Status {
         Status {
             id: self.cfg.id,

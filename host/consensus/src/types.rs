@@ -76,7 +76,13 @@ macro_rules! display_newtype {
         }
     };
 }
-display_newtype!(HostId, "h");
+
+/// Host ids show as 16 hex digits, as everywhere else in vp (status, overlay keys).
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
 display_newtype!(Slot, "s");
 display_newtype!(Epoch, "e");
 display_newtype!(Time, "t");
@@ -109,6 +115,10 @@ impl Bytes {
         self.0.is_empty()
     }
     pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+    /// The shared allocation (no copy).
+    pub fn as_arc(&self) -> &Arc<[u8]> {
         &self.0
     }
 }

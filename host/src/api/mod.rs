@@ -219,12 +219,47 @@ impl ApiClient {
         .await
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// POST raw bytes to `path` and hand each line of the streamed answer to
+    /// `on_line` as it arrives.
+    pub async fn post_lines(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<()> {
+        let response = self
+            .request(hyper::Method::POST, path, Bytes::from(body))
+            .await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if !status.is_success() {
+                    bail!("{}", error_message(line.as_bytes()));
+                }
+                on_line(&line);
+            }
+        }
+        if !status.is_success() {
+            bail!("{}", error_message(&pending));
+        }
+        Ok(())
+    }
+
+    async fn request(
         &self,
         method: hyper::Method,
         path: &str,
         body: Bytes,
-    ) -> Result<T> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| {
@@ -245,7 +280,7 @@ impl ApiClient {
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))?;
-        let response = tokio::time::timeout(API_TIMEOUT, sender.send_request(request))
+        tokio::time::timeout(API_TIMEOUT, sender.send_request(request))
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
@@ -253,17 +288,31 @@ impl ApiClient {
                     self.addr,
                     API_TIMEOUT
                 )
-            })??;
+            })?
+            .map_err(Into::into)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T> {
+        let response = self.request(method, path, body).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{message}");
+            bail!("{}", error_message(&bytes));
         }
         serde_json::from_slice(&bytes)
             .with_context(|| format!("unexpected answer from the daemon at {}", self.addr))
     }
+}
+
+/// The message of an `{"error": ...}` body, or the body as text.
+fn error_message(bytes: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned())
 }

@@ -303,19 +303,22 @@ struct Inner {
     stats: NetStats,
     peer_queue_frames_max: usize,
     unreachable: mpsc::Sender<PeerId>,
+    /// So that threads outside the runtime (virtual-peer threads) can send.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Handle to the host's network. Cheap to clone.
 pub struct Net<M> {
     inner: Arc<Inner>,
-    _msg: std::marker::PhantomData<fn(M)>,
+    /// The node's own event queue, for messages from this host to itself.
+    local: mpsc::Sender<NetEvent<M>>,
 }
 
 impl<M> Clone for Net<M> {
     fn clone(&self) -> Self {
         Net {
             inner: self.inner.clone(),
-            _msg: std::marker::PhantomData,
+            local: self.local.clone(),
         }
     }
 }
@@ -427,6 +430,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             stats: NetStats::default(),
             peer_queue_frames_max: config.peer_queue_frames_max,
             unreachable,
+            runtime: tokio::runtime::Handle::current(),
         });
         tokio::spawn(swarm_task(
             swarm,
@@ -435,11 +439,15 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             Arc::downgrade(&inner),
             private,
         ));
-        tokio::spawn(accept_task::<M>(incoming, events, Arc::downgrade(&inner)));
+        tokio::spawn(accept_task::<M>(
+            incoming,
+            events.clone(),
+            Arc::downgrade(&inner),
+        ));
         Ok((
             Net {
                 inner,
-                _msg: std::marker::PhantomData,
+                local: events,
             },
             event_rx,
         ))
@@ -470,14 +478,28 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         self.send_frame(peer, Self::encode(msg)?)
     }
 
-    /// Queue an encoded frame for `peer`; never waits.
+    /// Deliver `msg` to this host's own node, as if it came from the network
+    /// (a member answering a client on the same host); never waits.
+    pub fn send_local(&self, msg: M) -> Result<(), SendError> {
+        let local = self.inner.local;
+        self.local
+            .try_send(NetEvent::Message { from: local, msg })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendError::QueueFull(local),
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            })
+    }
+
+    /// Queue an encoded frame for `peer`; never waits. Callable from any thread.
     pub fn send_frame(&self, peer: PeerId, frame: Bytes) -> Result<(), SendError> {
         let mut writers = self.inner.writers.lock().expect("writers lock");
         let sender = match writers.get(&peer) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
                 let (tx, rx) = mpsc::channel(self.inner.peer_queue_frames_max);
-                tokio::spawn(writer_task(peer, rx, Arc::downgrade(&self.inner)));
+                self.inner
+                    .runtime
+                    .spawn(writer_task(peer, rx, Arc::downgrade(&self.inner)));
                 writers.insert(peer, tx.clone());
                 tx
             }

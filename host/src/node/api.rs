@@ -1,7 +1,8 @@
 //! The daemon's control API routes and the JSON shapes they use. Each route
 //! asks the node task through a bounded channel and waits for its answer.
 
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -9,6 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;
 use crate::net::{ConnectedPeer, NetCounters};
+use crate::node::vps::SpawnEvent;
+use crate::vp::VpStatus;
 
 /// What the API asks the node.
 #[derive(Debug)]
@@ -22,6 +25,52 @@ pub enum NodeRequest {
     Deliveries(oneshot::Sender<Vec<DeliveryRecord>>),
     InsertKey(KeyRequest, oneshot::Sender<Result<(), String>>),
     RemoveKey(KeyRequest, oneshot::Sender<Result<(), String>>),
+    Spawn(SpawnParams, Vec<u8>, mpsc::Sender<SpawnEvent>),
+    Send(
+        String,
+        SendRequest,
+        oneshot::Sender<Result<SendAnswer, String>>,
+    ),
+    VpList(oneshot::Sender<Vec<VpStatus>>),
+    VpStatus(String, oneshot::Sender<Result<VpStatus, String>>),
+    VpDigest(String, oneshot::Sender<Result<String, String>>),
+}
+
+/// `POST /v1/vps?members=3&name=..&fuel_per_message=..&memory_max=..` with the
+/// module as the body. Answers with JSON lines: progress, then done or failed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SpawnParams {
+    pub members: Option<usize>,
+    pub name: Option<String>,
+    pub fuel_per_message: Option<u64>,
+    pub memory_max: Option<u64>,
+    pub replace_after_ms: Option<u64>,
+    pub checkpoint_every_slots: Option<u64>,
+}
+
+/// `POST /v1/vps/{vp}/send`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub msg: serde_json::Value,
+    #[serde(default)]
+    pub read: bool,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The virtual peer's reply (`reply`) or error reply (`error`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SendAnswer {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reply: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/vps/{vp}/digest`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DigestAnswer {
+    pub digest: String,
 }
 
 /// `GET /v1/status`.
@@ -36,6 +85,8 @@ pub struct HostStatus {
     pub counters: NetCounters,
     pub private_network: Option<String>,
     pub overlay: OverlayStatus,
+    /// Virtual peers this host is a member of.
+    pub virtual_peers: Vec<VpStatus>,
 }
 
 /// The host's part of the skip graph.
@@ -180,6 +231,59 @@ async fn remove_key(
         .map_err(ApiError::bad_request)
 }
 
+async fn spawn(
+    State(tx): State<Tx>,
+    Query(params): Query<SpawnParams>,
+    body: axum::body::Bytes,
+) -> Result<Body, ApiError> {
+    let (progress, rx) = mpsc::channel(64);
+    tx.send(NodeRequest::Spawn(params, body.to_vec(), progress))
+        .await
+        .map_err(|_| ApiError::unavailable("the host is shutting down"))?;
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Ok(Body::from_stream(lines))
+}
+
+async fn send(
+    State(tx): State<Tx>,
+    Path(vp): Path<String>,
+    Json(req): Json<SendRequest>,
+) -> Result<Json<SendAnswer>, ApiError> {
+    ask(&tx, |r| NodeRequest::Send(vp, req, r))
+        .await?
+        .map(Json)
+        .map_err(ApiError::unavailable)
+}
+
+async fn vp_list(State(tx): State<Tx>) -> Result<Json<Vec<VpStatus>>, ApiError> {
+    Ok(Json(ask(&tx, NodeRequest::VpList).await?))
+}
+
+async fn vp_status(
+    State(tx): State<Tx>,
+    Path(vp): Path<String>,
+) -> Result<Json<VpStatus>, ApiError> {
+    ask(&tx, |r| NodeRequest::VpStatus(vp, r))
+        .await?
+        .map(Json)
+        .map_err(ApiError::not_found)
+}
+
+async fn vp_digest(
+    State(tx): State<Tx>,
+    Path(vp): Path<String>,
+) -> Result<Json<DigestAnswer>, ApiError> {
+    ask(&tx, |r| NodeRequest::VpDigest(vp, r))
+        .await?
+        .map(|digest| Json(DigestAnswer { digest }))
+        .map_err(ApiError::not_found)
+}
+
 /// The routes, talking to the node through `tx`.
 pub fn router(tx: Tx) -> Router {
     Router::new()
@@ -189,5 +293,9 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/overlay/deliveries", get(deliveries))
         .route("/v1/overlay/keys", post(insert_key))
         .route("/v1/overlay/keys/remove", post(remove_key))
+        .route("/v1/vps", get(vp_list).post(spawn))
+        .route("/v1/vps/{vp}", get(vp_status))
+        .route("/v1/vps/{vp}/send", post(send))
+        .route("/v1/vps/{vp}/digest", get(vp_digest))
         .with_state(tx)
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod overlay;
+pub mod vps;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,6 +39,13 @@ pub const LEAVE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Wire {
     /// A skip-graph message.
     Alm(vp_alm::Message<PeerContact>),
+    /// About virtual peers: requests, replies, deployment, modules.
+    Vp(crate::vp::wire::VpWire),
+    /// A consensus message between members of virtual peer `vp`.
+    Paxos {
+        vp: vp_guest_sdk::VpId,
+        msg: vp_consensus::Message,
+    },
 }
 
 /// How to run a host.
@@ -86,6 +94,9 @@ struct Node {
     searches: HashMap<OpId, oneshot::Sender<Result<SearchAnswer, String>>>,
     inserts: HashMap<Key, Vec<oneshot::Sender<Result<(), String>>>>,
     deliveries: VecDeque<DeliveryRecord>,
+    vps: vps::VpNode,
+    /// For background tasks (spawn, replacement) to call back into the node.
+    calls: mpsc::Sender<vps::NodeCall>,
 }
 
 fn neighbour(n: &vp_alm::NodeRef<PeerContact>) -> NeighbourStatus {
@@ -132,7 +143,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     let me = host_ref(local, &addrs);
     let seed = rand::random();
+    let sandbox = std::sync::Arc::new(crate::sandbox::Sandbox::new()?);
+    let modules = crate::vp::modules::ModuleStore::open(&cfg.data_dir)?;
+    let (member_tx, mut member_rx) = mpsc::channel(4096);
+    let (calls, mut call_rx) = mpsc::channel(1024);
     let mut node = Node {
+        vps: vps::VpNode::new(sandbox, modules, member_tx),
+        calls,
         alm: AlmHost::new(me.host, me.contact.clone(), cfg.alm.clone(), seed),
         me,
         net,
@@ -151,8 +168,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     crate::api::serve(node.cfg.api, &node.cfg.data_dir, api::router(api_tx)).await?;
     tracing::info!(peer_id = %local, host_id = %node.me.host, addrs = ?addrs, "host started");
     node.join_overlay();
+    node.recover_members();
 
     tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         node.pump();
         let timeout = node.alm.poll_timeout().map(|t| t.0);
@@ -172,6 +192,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             },
             Some(request) = api_rx.recv() => node.on_request(request),
             Some(internal) = internal_rx.recv() => node.on_internal(internal),
+            Some(output) = member_rx.recv() => node.on_member_output(output),
+            Some(call) = call_rx.recv() => node.on_call(call),
+            _ = tick.tick() => node.vp_tick(),
             () = sleep => {
                 let now = node.now();
                 node.alm.handle_timeout(now);
@@ -179,7 +202,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             () = &mut shutdown => break,
         }
     }
-    tracing::info!("leaving the overlay");
+    tracing::info!("stopping virtual-peer members and leaving the overlay");
+    let members: Vec<_> = node.vps.members.drain().map(|(_, h)| h).collect();
+    tokio::task::spawn_blocking(move || members.into_iter().for_each(|h| h.stop()))
+        .await
+        .ok();
     let now = node.now();
     node.alm.leave(now);
     node.pump();
@@ -285,11 +312,22 @@ impl Node {
                     tracing::warn!(%from, "overlay message names another peer as its sender; dropped");
                     return;
                 }
+                self.vps
+                    .directory
+                    .learn(vp_consensus::HostId(msg.from.host.0), &msg.from.contact);
                 let now = self.now();
                 if let Err(e) = self.alm.handle_message(now, host_id_of(&from), msg) {
                     tracing::debug!(%from, "overlay message refused: {e}");
                 }
             }
+            NetEvent::Message {
+                from,
+                msg: Wire::Paxos { vp, msg },
+            } => self.on_paxos(from, vp, msg),
+            NetEvent::Message {
+                from,
+                msg: Wire::Vp(msg),
+            } => self.on_vp_wire(from, msg),
             NetEvent::Identified {
                 peer, listen_addrs, ..
             } => self.net.add_addresses(peer, listen_addrs),
@@ -346,6 +384,9 @@ impl Node {
                 hops,
                 ..
             } => {
+                if self.on_vp_search(op, Some(&found)) {
+                    return;
+                }
                 if let Some(waiter) = self.searches.remove(&op) {
                     let _ = waiter.send(Ok(SearchAnswer {
                         found: neighbour(&found),
@@ -355,6 +396,9 @@ impl Node {
                 }
             }
             AlmEvent::SearchFailed { op, error, .. } => {
+                if self.on_vp_search(op, None) {
+                    return;
+                }
                 if let Some(waiter) = self.searches.remove(&op) {
                     let _ = waiter.send(Err(error.to_string()));
                 }
@@ -366,6 +410,13 @@ impl Node {
                 payload,
                 hops,
             } => {
+                if key
+                    .as_slice()
+                    .starts_with(overlay::VP_KEY_PREFIX.as_bytes())
+                    && self.on_vp_delivery(&origin.contact, payload.as_slice())
+                {
+                    return;
+                }
                 if self.deliveries.len() == DELIVERIES_KEPT_MAX {
                     self.deliveries.pop_front();
                 }
@@ -400,7 +451,14 @@ impl Node {
                 let overlay = self.overlay_status();
                 let data_dir = self.cfg.data_dir.display().to_string();
                 let host_id = format!("{:016x}", self.me.host.0);
+                let member_status = self.member_statuses();
                 tokio::spawn(async move {
+                    let mut virtual_peers = Vec::new();
+                    for rx in member_status {
+                        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+                            virtual_peers.push(s);
+                        }
+                    }
                     if let Ok(s) = net.status().await {
                         let _ = reply.send(HostStatus {
                             peer_id: s.peer_id,
@@ -412,10 +470,16 @@ impl Node {
                             counters: s.counters,
                             private_network: s.private_network,
                             overlay,
+                            virtual_peers,
                         });
                     }
                 });
             }
+            NodeRequest::Spawn(..)
+            | NodeRequest::Send(..)
+            | NodeRequest::VpList(..)
+            | NodeRequest::VpStatus(..)
+            | NodeRequest::VpDigest(..) => self.on_vp_request(request),
             NodeRequest::Search(req, reply) => {
                 match self.alm.search(now, Key::new(req.key.into_bytes())) {
                     Ok(op) => {

@@ -757,8 +757,8 @@ impl Live {
             Checkpoint::Image { memory, globals } => {
                 self.write_state(memory.len(), |dst| dst.copy_from_slice(memory), globals)
             }
-            Checkpoint::Encoded { bytes, .. } => {
-                let view = SnapshotView::parse(bytes, u64::MAX)?;
+            Checkpoint::Encoded { bytes, range, .. } => {
+                let view = SnapshotView::parse(&bytes[range.clone()], u64::MAX)?;
                 self.write_state(
                     view.memory_bytes,
                     |dst| view.copy_memory_into(dst),
@@ -817,7 +817,8 @@ enum Checkpoint {
         globals: Vec<GlobalValue>,
     },
     Encoded {
-        bytes: Vec<u8>,
+        bytes: Arc<[u8]>,
+        range: std::ops::Range<usize>,
         memory_bytes: usize,
     },
 }
@@ -949,7 +950,24 @@ impl Guest {
         encoded: Vec<u8>,
         limits: GuestLimits,
     ) -> Result<Guest, LoadError> {
-        let view = SnapshotView::parse(&encoded, limits.memory_bytes_max)?;
+        let len = encoded.len();
+        Self::restore_shared(sandbox, module, Arc::from(encoded), 0..len, limits)
+    }
+
+    /// Like [`Guest::restore_encoded`], for a snapshot that is the `range` of
+    /// shared bytes (e.g. inside a replicated image): nothing is copied but
+    /// the pages into the instance.
+    pub fn restore_shared(
+        sandbox: &Sandbox,
+        module: Arc<LoadedModule>,
+        bytes: Arc<[u8]>,
+        range: std::ops::Range<usize>,
+        limits: GuestLimits,
+    ) -> Result<Guest, LoadError> {
+        let encoded = bytes
+            .get(range.clone())
+            .ok_or(SnapshotError::Truncated(bytes.len()))?;
+        let view = SnapshotView::parse(encoded, limits.memory_bytes_max)?;
         check_snapshot_fits(
             &module,
             view.module_hash,
@@ -968,7 +986,8 @@ impl Guest {
         let memory_bytes = view.memory_bytes;
         drop(view);
         let checkpoint = Checkpoint::Encoded {
-            bytes: encoded,
+            bytes,
+            range,
             memory_bytes,
         };
         Ok(Self::assemble(

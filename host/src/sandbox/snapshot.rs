@@ -160,8 +160,9 @@ fn page_is_zero(page: &[u8]) -> bool {
     })
 }
 
-/// Encode a guest state (as in [`Snapshot::encode_into`]) straight from its
-/// parts, e.g. from a live instance's memory, without an intermediate copy.
+/// Append the encoding of a guest state (the format of
+/// [`Snapshot::encode_into`]) to `out`, straight from its parts, e.g. from a
+/// live instance's memory, without an intermediate copy.
 pub fn encode_state(
     module_hash: ModuleHash,
     abi_version: u32,
@@ -173,13 +174,13 @@ pub fn encode_state(
         memory.len().is_multiple_of(PAGE_BYTES),
         "snapshot memory is whole pages"
     );
+    let start = out.len();
     let pages = memory.len() / PAGE_BYTES;
     let present: Vec<bool> = memory
         .chunks_exact(PAGE_BYTES)
         .map(|p| !page_is_zero(p))
         .collect();
     let stored = present.iter().filter(|&&p| p).count();
-    out.clear();
     out.reserve(
         HEADER_BYTES
             + GLOBAL_BYTES * globals.len()
@@ -209,7 +210,7 @@ pub fn encode_state(
     {
         out.extend_from_slice(page);
     }
-    let checksum = xxh3_64(out);
+    let checksum = xxh3_64(&out[start..]);
     out.extend_from_slice(&checksum.to_le_bytes());
 }
 
@@ -221,6 +222,7 @@ impl Snapshot {
 
     /// Encode into `out` (cleared first).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
         encode_state(
             self.module_hash,
             self.abi_version,

@@ -1,0 +1,1417 @@
+//! The node's side of virtual peers: member threads, routing requests to a
+//! virtual peer's leader (and retrying them with the same session and
+//! sequence number), spawning, placement, deployment with module transfer by
+//! hash, and member replacement.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use vp_alm::{Key, KeyRange, OpId};
+use vp_consensus::{ClientId, HostId, Membership};
+use vp_guest_sdk::abi::{VpId, WireResult};
+
+use super::overlay::{PeerContact, host_id_of, host_key, member_key, vp_prefix};
+use super::{Node, Wire};
+use crate::sandbox::{ModuleHash, Sandbox};
+use crate::vp::directory::Directory;
+use crate::vp::member::{
+    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, start_member, vp_dir,
+};
+use crate::vp::modules::ModuleStore;
+use crate::vp::wire::{Deploy, MODULE_CHUNK_BYTES, Reply, Request, VpWire};
+use crate::vp::{VpConfig, VpStatus, new_session_id};
+
+/// Requests (from the API or from members' outbound messages) in flight.
+pub const OUTSTANDING_MAX: usize = 100_000;
+/// How long a client request keeps being retried by default.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an outbound message of a virtual peer keeps being retried before
+/// the caller's guest is told it failed.
+pub const OUTBOUND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a deployment (module transfer included) may take.
+pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Virtual peers one host may be a member of.
+pub const MEMBERSHIPS_MAX: usize = 1024;
+
+/// Who waits for a request's reply.
+#[derive(Debug)]
+pub enum Waiter {
+    /// An API request.
+    Api(oneshot::Sender<Result<WireResult, String>>),
+    /// A virtual peer on this host (its outbound message `seq`).
+    Member(VpId),
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    req: Request,
+    waiter: Waiter,
+    attempts: u32,
+    next_try: Instant,
+    deadline: Instant,
+}
+
+/// A host found for placement, and how loaded it is.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub host: HostId,
+    pub contact: PeerContact,
+    pub memberships: u32,
+}
+
+struct Sample {
+    want: usize,
+    exclude: HashSet<HostId>,
+    searches: usize,
+    candidates: HashMap<HostId, PeerContact>,
+    loads: HashMap<HostId, u32>,
+    asked: bool,
+    deadline: Instant,
+    reply: oneshot::Sender<Vec<Candidate>>,
+}
+
+struct Fetch {
+    from: PeerContact,
+    total: u64,
+    buf: Vec<u8>,
+    waiting: Vec<(Deploy, PeerContact)>,
+    deadline: Instant,
+}
+
+/// Everything the node keeps about virtual peers.
+pub struct VpNode {
+    pub sandbox: Arc<Sandbox>,
+    pub modules: ModuleStore,
+    pub directory: Directory,
+    pub members: HashMap<VpId, MemberHandle>,
+    pub member_tx: mpsc::Sender<MemberOutput>,
+    outstanding: HashMap<(VpId, ClientId, u64), Outstanding>,
+    leaders: HashMap<VpId, (HostId, PeerContact)>,
+    locating: HashMap<VpId, Instant>,
+    sessions: Vec<(ClientId, u64)>,
+    samples: HashMap<u64, Sample>,
+    sample_searches: HashMap<OpId, u64>,
+    resolving: HashMap<OpId, HostId>,
+    deploys: HashMap<u64, (oneshot::Sender<Result<(), String>>, Instant)>,
+    fetches: HashMap<ModuleHash, Fetch>,
+    status_queries: HashMap<u64, (oneshot::Sender<Result<VpStatus, String>>, Instant)>,
+    leader_waiters: HashMap<VpId, Vec<oneshot::Sender<HostId>>>,
+    /// Names of virtual peers spawned from this host.
+    names: HashMap<String, VpId>,
+    next_op: u64,
+}
+
+impl VpNode {
+    pub fn new(
+        sandbox: Arc<Sandbox>,
+        modules: ModuleStore,
+        member_tx: mpsc::Sender<MemberOutput>,
+    ) -> VpNode {
+        VpNode {
+            sandbox,
+            modules,
+            directory: Directory::default(),
+            members: HashMap::new(),
+            member_tx,
+            outstanding: HashMap::new(),
+            leaders: HashMap::new(),
+            locating: HashMap::new(),
+            sessions: Vec::new(),
+            samples: HashMap::new(),
+            sample_searches: HashMap::new(),
+            resolving: HashMap::new(),
+            deploys: HashMap::new(),
+            fetches: HashMap::new(),
+            status_queries: HashMap::new(),
+            leader_waiters: HashMap::new(),
+            names: HashMap::new(),
+            next_op: 1,
+        }
+    }
+
+    fn op(&mut self) -> u64 {
+        self.next_op += 1;
+        self.next_op
+    }
+}
+
+/// Calls background tasks (spawn, replacement) make into the node.
+#[derive(Debug)]
+pub enum NodeCall {
+    /// Find `want` live hosts through the overlay, least loaded first.
+    Sample {
+        want: usize,
+        exclude: Vec<HostId>,
+        reply: oneshot::Sender<Vec<Candidate>>,
+    },
+    /// Deploy a virtual peer on `to`.
+    Deploy {
+        to: PeerContact,
+        deploy: Box<Deploy>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Send a request to a virtual peer and wait for its reply.
+    Send {
+        req: Request,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<WireResult, String>>,
+    },
+    /// Tell a local member thread something.
+    ToMember { vp: VpId, event: MemberEvent },
+    /// Wait until some member says who leads `vp`.
+    AwaitLeader {
+        vp: VpId,
+        reply: oneshot::Sender<HostId>,
+    },
+    /// Forget a deployment (a spawn that failed elsewhere).
+    Undeploy { to: PeerContact, vp: VpId },
+}
+
+fn consensus_host(h: vp_alm::HostId) -> HostId {
+    HostId(h.0)
+}
+
+impl Node {
+    pub(super) fn vp_ctx(&self) -> MemberContext {
+        MemberContext {
+            me: consensus_host(self.me.host),
+            me_contact: self.me.contact.clone(),
+            data_dir: self.cfg.data_dir.clone(),
+            sandbox: self.vps.sandbox.clone(),
+            net: self.net.clone(),
+            directory: self.vps.directory.clone(),
+            node: self.vps.member_tx.clone(),
+        }
+    }
+
+    /// Restart every virtual peer this host was a member of before it stopped.
+    pub(super) fn recover_members(&mut self) {
+        let dir = self.cfg.data_dir.join("vps");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(vp) = name.parse::<VpId>() else {
+                continue;
+            };
+            let file = match std::fs::read(entry.path().join("member.json"))
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice::<MemberFile>(&b)?))
+            {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::warn!(%vp, "cannot read this virtual peer's member file ({e:#}); leaving it alone");
+                    continue;
+                }
+            };
+            let Some(bytes) = self.vps.modules.get(&file.config.module) else {
+                tracing::warn!(%vp, module = %file.config.module, "module missing from the store; cannot restart");
+                continue;
+            };
+            let module = match self.vps.sandbox.load(&bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%vp, "module no longer loads: {e}");
+                    continue;
+                }
+            };
+            match start_member(self.vp_ctx(), module, vp, None) {
+                Ok(handle) => {
+                    tracing::info!(%vp, "rejoined virtual peer from disk");
+                    self.vps.members.insert(vp, handle);
+                }
+                Err(e) => tracing::error!(%vp, "cannot restart member: {e:#}"),
+            }
+        }
+    }
+
+    // ---- frames ----------------------------------------------------------------------
+
+    pub(super) fn on_paxos(&mut self, from: libp2p::PeerId, vp: VpId, msg: vp_consensus::Message) {
+        let host = consensus_host(host_id_of(&from));
+        self.vps.directory.learn(
+            host,
+            &PeerContact {
+                peer: from,
+                addrs: Vec::new(),
+            },
+        );
+        match self.vps.members.get(&vp) {
+            Some(m) => {
+                m.send(MemberEvent::Paxos { from: host, msg });
+            }
+            None => {
+                tracing::trace!(%vp, %from, "consensus message for a virtual peer this host is not in")
+            }
+        }
+    }
+
+    pub(super) fn on_vp_wire(&mut self, from: libp2p::PeerId, msg: VpWire) {
+        match msg {
+            VpWire::Locate {
+                vp,
+                nonce,
+                reply_to,
+            } => match self.vps.members.get(&vp) {
+                Some(m) => {
+                    m.send(MemberEvent::Locate { nonce, reply_to });
+                }
+                None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
+            },
+            VpWire::Located { vp, leader, .. } => {
+                if let Some((host, contact)) = leader {
+                    self.vps.directory.learn(host, &contact);
+                    self.vps.leaders.insert(vp, (host, contact));
+                    self.vps.locating.remove(&vp);
+                    for waiter in self.vps.leader_waiters.remove(&vp).unwrap_or_default() {
+                        let _ = waiter.send(host);
+                    }
+                    self.flush_outstanding(vp);
+                }
+            }
+            VpWire::Request(req) => match self.vps.members.get(&req.vp) {
+                Some(m) => {
+                    m.send(MemberEvent::Request(req));
+                }
+                None => {
+                    let msg = VpWire::Redirect {
+                        vp: req.vp,
+                        client: req.client,
+                        seq: req.seq,
+                        leader: None,
+                    };
+                    self.send_vp(&req.reply_to, msg);
+                }
+            },
+            VpWire::Reply(reply) => self.on_reply(from, reply),
+            VpWire::Redirect {
+                vp,
+                client,
+                seq,
+                leader,
+            } => {
+                // Retry at once at a different leader; after a pause when the
+                // redirecting host names itself (it is not ready) or nobody.
+                let elsewhere = match leader {
+                    Some((host, contact)) if contact.peer != from => {
+                        self.vps.directory.learn(host, &contact);
+                        self.vps.leaders.insert(vp, (host, contact));
+                        true
+                    }
+                    _ => {
+                        self.vps.leaders.remove(&vp);
+                        false
+                    }
+                };
+                if let Some(o) = self.vps.outstanding.get_mut(&(vp, client, seq)) {
+                    let delay = if elsewhere && o.attempts < 8 { 0 } else { 100 };
+                    o.next_try = Instant::now() + Duration::from_millis(delay);
+                }
+            }
+            VpWire::Deploy(deploy) => {
+                let reply_to = PeerContact {
+                    peer: from,
+                    addrs: Vec::new(),
+                };
+                self.on_deploy(deploy, reply_to);
+            }
+            VpWire::DeployAck { op, result, .. } => {
+                if let Some((reply, _)) = self.vps.deploys.remove(&op) {
+                    let _ = reply.send(result);
+                }
+            }
+            VpWire::Undeploy { vp } => self.undeploy(vp),
+            VpWire::FetchModule { hash, offset } => {
+                let msg = match self.vps.modules.get(&hash) {
+                    Some(bytes) if (offset as usize) < bytes.len() || bytes.is_empty() => {
+                        let start = offset as usize;
+                        let end = (start + MODULE_CHUNK_BYTES).min(bytes.len());
+                        VpWire::ModuleChunk {
+                            hash,
+                            offset,
+                            total: bytes.len() as u64,
+                            bytes: bytes[start..end].to_vec(),
+                        }
+                    }
+                    _ => VpWire::ModuleMissing { hash },
+                };
+                self.send_vp(
+                    &PeerContact {
+                        peer: from,
+                        addrs: Vec::new(),
+                    },
+                    msg,
+                );
+            }
+            VpWire::ModuleChunk {
+                hash,
+                offset,
+                total,
+                bytes,
+            } => self.on_module_chunk(hash, offset, total, bytes),
+            VpWire::ModuleMissing { hash } => {
+                if let Some(fetch) = self.vps.fetches.remove(&hash) {
+                    for (deploy, reply_to) in fetch.waiting {
+                        let why = format!(
+                            "module {} is not available from {}",
+                            hash.short(),
+                            fetch.from.peer
+                        );
+                        self.ack_deploy(&deploy, &reply_to, Err(why));
+                    }
+                }
+            }
+            VpWire::LoadQuery { op } => {
+                let memberships = self.vps.members.len() as u32;
+                self.send_vp(
+                    &PeerContact {
+                        peer: from,
+                        addrs: Vec::new(),
+                    },
+                    VpWire::Load { op, memberships },
+                );
+            }
+            VpWire::Load { op, memberships } => {
+                if let Some(sample) = self.vps.samples.get_mut(&op) {
+                    sample
+                        .loads
+                        .insert(consensus_host(host_id_of(&from)), memberships);
+                }
+            }
+        }
+    }
+
+    pub(super) fn send_vp(&self, to: &PeerContact, msg: VpWire) {
+        if to.peer == self.me.contact.peer {
+            let _ = self.net.send_local(Wire::Vp(msg));
+            return;
+        }
+        self.net.add_addresses(to.peer, to.addrs.iter().cloned());
+        if let Err(e) = self.net.send(to.peer, &Wire::Vp(msg)) {
+            tracing::debug!(peer = %to.peer, "not sent: {e}");
+        }
+    }
+
+    /// An overlay multicast reached one of our keys; virtual-peer traffic
+    /// carries a `VpWire` payload.
+    pub(super) fn on_vp_delivery(&mut self, origin: &PeerContact, payload: &[u8]) -> bool {
+        match vp_guest_sdk::abi::decode::<VpWire>(payload) {
+            Ok(msg) => {
+                self.on_vp_wire(origin.peer, msg);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    // ---- member outputs --------------------------------------------------------------
+
+    pub(super) fn on_member_output(&mut self, output: MemberOutput) {
+        let now = self.now();
+        match output {
+            MemberOutput::Key { vp, insert } => {
+                let key = member_key(vp, self.me.host);
+                let result = if insert {
+                    let introducer = self.introducers.first().cloned();
+                    self.alm.insert_key(now, key, introducer)
+                } else {
+                    self.alm.remove_key(now, &key)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(%vp, insert, "overlay key change failed: {e}");
+                }
+            }
+            MemberOutput::Outbound(req) => {
+                let key = (req.vp, req.client, req.seq);
+                let caller = VpId(req.client.0 as u64);
+                match self.vps.outstanding.get_mut(&key) {
+                    Some(o) => o.req.ack_below = req.ack_below,
+                    None => self.start_request(req, Waiter::Member(caller), OUTBOUND_TIMEOUT),
+                }
+            }
+            MemberOutput::FindReplacement { vp, dead, members } => {
+                let Some(handle) = self.vps.members.get(&vp) else {
+                    return;
+                };
+                let config = handle.config.clone();
+                self.start_replacement(config, dead, members);
+            }
+            MemberOutput::Removed { vp } => {
+                if let Some(handle) = self.vps.members.remove(&vp) {
+                    let dir = vp_dir(&self.cfg.data_dir, vp);
+                    tokio::task::spawn_blocking(move || {
+                        handle.stop();
+                        if let Err(e) = std::fs::remove_dir_all(&dir) {
+                            tracing::warn!(%vp, "cannot remove {}: {e}", dir.display());
+                        }
+                    });
+                }
+            }
+            MemberOutput::Failed { vp, why } => {
+                tracing::error!(%vp, "member stopped: {why}");
+                if let Some(handle) = self.vps.members.remove(&vp) {
+                    tokio::task::spawn_blocking(move || handle.stop());
+                }
+            }
+            MemberOutput::Resolve(host) => {
+                if self.vps.resolving.values().any(|h| *h == host) {
+                    return;
+                }
+                if let Ok(op) = self.alm.search(now, host_key(vp_alm::HostId(host.0))) {
+                    self.vps.resolving.insert(op, host);
+                }
+            }
+        }
+    }
+
+    /// A search this module started finished (placement or resolving a host).
+    pub(super) fn on_vp_search(
+        &mut self,
+        op: OpId,
+        found: Option<&vp_alm::NodeRef<PeerContact>>,
+    ) -> bool {
+        if let Some(host) = self.vps.resolving.remove(&op) {
+            if let Some(n) = found.filter(|n| n.host.0 == host.0) {
+                self.vps.directory.learn(host, &n.contact);
+            }
+            return true;
+        }
+        if let Some(sample_op) = self.vps.sample_searches.remove(&op) {
+            if let Some(sample) = self.vps.samples.get_mut(&sample_op) {
+                sample.searches -= 1;
+                if let Some(n) = found {
+                    let host = consensus_host(n.host);
+                    if !sample.exclude.contains(&host) {
+                        sample.candidates.insert(host, n.contact.clone());
+                    }
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    // ---- requests to virtual peers -----------------------------------------------------
+
+    /// A session for a new API request: (client id, seq), reused when free.
+    pub(super) fn take_session(&mut self) -> (ClientId, u64) {
+        self.vps
+            .sessions
+            .pop()
+            .unwrap_or_else(|| (new_session_id(), 1))
+    }
+
+    fn return_session(&mut self, client: ClientId, seq: u64) {
+        if self.vps.sessions.len() < 4096 {
+            self.vps.sessions.push((client, seq + 1));
+        }
+    }
+
+    pub(super) fn start_request(&mut self, req: Request, waiter: Waiter, timeout: Duration) {
+        if self.vps.outstanding.len() >= OUTSTANDING_MAX {
+            if let Waiter::Api(reply) = waiter {
+                let _ = reply.send(Err("this host has too many requests in flight".into()));
+            }
+            return;
+        }
+        let key = (req.vp, req.client, req.seq);
+        let now = Instant::now();
+        let o = Outstanding {
+            req,
+            waiter,
+            attempts: 0,
+            next_try: now,
+            deadline: now + timeout,
+        };
+        self.vps.outstanding.insert(key, o);
+        self.try_request(key);
+    }
+
+    fn try_request(&mut self, key: (VpId, ClientId, u64)) {
+        let vp = key.0;
+        let leader = self.vps.leaders.get(&vp).cloned();
+        let Some(o) = self.vps.outstanding.get_mut(&key) else {
+            return;
+        };
+        o.attempts += 1;
+        let backoff = Duration::from_millis(150 * (1 << o.attempts.min(5)));
+        o.next_try = Instant::now() + backoff;
+        match leader {
+            Some((_, contact)) => {
+                let req = o.req.clone();
+                self.send_vp(&contact, VpWire::Request(req));
+            }
+            None => self.locate(vp),
+        }
+    }
+
+    /// Ask the virtual peer's members (a multicast over its key prefix) who leads.
+    fn locate(&mut self, vp: VpId) {
+        let now = Instant::now();
+        if self
+            .vps
+            .locating
+            .get(&vp)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.vps.locating.insert(vp, now);
+        let msg = VpWire::Locate {
+            vp,
+            nonce: rand::random(),
+            reply_to: self.me.contact.clone(),
+        };
+        let payload = match vp_guest_sdk::abi::encode(&msg) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("cannot encode a locate: {e}");
+                return;
+            }
+        };
+        // A local member answers at once; others through the overlay.
+        if let Some(m) = self.vps.members.get(&vp) {
+            m.send(MemberEvent::Locate {
+                nonce: 0,
+                reply_to: self.me.contact.clone(),
+            });
+        }
+        let at = self.now();
+        if let Err(e) = self.alm.multicast(
+            at,
+            KeyRange::prefix(&vp_prefix(vp)),
+            vp_alm::Bytes::copy_from(&payload),
+        ) {
+            tracing::debug!(%vp, "cannot multicast a locate: {e}");
+        }
+    }
+
+    fn flush_outstanding(&mut self, vp: VpId) {
+        let keys: Vec<_> = self
+            .vps
+            .outstanding
+            .keys()
+            .filter(|k| k.0 == vp)
+            .copied()
+            .collect();
+        for key in keys {
+            self.try_request(key);
+        }
+    }
+
+    fn on_reply(&mut self, from: libp2p::PeerId, reply: Reply) {
+        let contact = PeerContact {
+            peer: from,
+            addrs: Vec::new(),
+        };
+        self.vps.leaders.insert(reply.vp, (reply.leader, contact));
+        let Some(o) = self
+            .vps
+            .outstanding
+            .remove(&(reply.vp, reply.client, reply.seq))
+        else {
+            return;
+        };
+        match o.waiter {
+            Waiter::Api(tx) => {
+                let _ = tx.send(Ok(reply.result));
+                self.return_session(reply.client, reply.seq);
+            }
+            Waiter::Member(caller) => {
+                if let Some(m) = self.vps.members.get(&caller) {
+                    m.send(MemberEvent::OutboundReply {
+                        id: reply.seq,
+                        result: reply.result,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Retry what is due; fail what is too old; expire other operations.
+    pub(super) fn vp_tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<_> = self
+            .vps
+            .outstanding
+            .iter()
+            .filter(|(_, o)| o.next_try <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(o) = self.vps.outstanding.get(&key) else {
+                continue;
+            };
+            if now >= o.deadline {
+                let o = self.vps.outstanding.remove(&key).expect("present");
+                let why = format!(
+                    "virtual peer {} did not answer in time ({} attempts)",
+                    key.0, o.attempts
+                );
+                match o.waiter {
+                    Waiter::Api(tx) => {
+                        let _ = tx.send(Err(why));
+                    }
+                    Waiter::Member(caller) => {
+                        if let Some(m) = self.vps.members.get(&caller) {
+                            m.send(MemberEvent::OutboundReply {
+                                id: key.2,
+                                result: Err(why),
+                            });
+                        }
+                    }
+                }
+                continue;
+            }
+            if o.attempts >= 2 {
+                // The cached leader may be stale: ask the members again.
+                self.vps.leaders.remove(&key.0);
+            }
+            self.try_request(key);
+        }
+        self.sample_tick(now);
+        self.vps.leader_waiters.retain(|_, w| {
+            w.retain(|tx| !tx.is_closed());
+            !w.is_empty()
+        });
+        let awaiting: Vec<VpId> = self.vps.leader_waiters.keys().copied().collect();
+        for vp in awaiting {
+            self.locate(vp);
+        }
+        self.vps.deploys.retain(|_, (_, deadline)| *deadline > now);
+        self.vps
+            .status_queries
+            .retain(|_, (_, deadline)| *deadline > now);
+        let expired: Vec<ModuleHash> = self
+            .vps
+            .fetches
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in expired {
+            if let Some(fetch) = self.vps.fetches.remove(&hash) {
+                for (deploy, reply_to) in fetch.waiting {
+                    self.ack_deploy(
+                        &deploy,
+                        &reply_to,
+                        Err("fetching the module timed out".into()),
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- placement ----------------------------------------------------------------------
+
+    /// Start sampling hosts: searches for random points in the host-key range
+    /// (each finds the nearest host key, so hosts are drawn about uniformly),
+    /// then a load query to every distinct host found.
+    pub(super) fn start_sample(
+        &mut self,
+        want: usize,
+        exclude: Vec<HostId>,
+        reply: oneshot::Sender<Vec<Candidate>>,
+    ) {
+        let op = self.vps.op();
+        let now = self.now();
+        let mut searches = 0;
+        for _ in 0..(2 * want + 4) {
+            let key = Key::new(format!("h/{:016x}", rand::random::<u64>()).into_bytes());
+            if let Ok(search) = self.alm.search(now, key) {
+                self.vps.sample_searches.insert(search, op);
+                searches += 1;
+            }
+        }
+        // This host is a candidate too.
+        let mut candidates = HashMap::new();
+        let me = consensus_host(self.me.host);
+        if !exclude.contains(&me) {
+            candidates.insert(me, self.me.contact.clone());
+        }
+        let sample = Sample {
+            want,
+            exclude: exclude.into_iter().collect(),
+            searches,
+            candidates,
+            loads: HashMap::new(),
+            asked: false,
+            deadline: Instant::now() + Duration::from_secs(3),
+            reply,
+        };
+        self.vps.samples.insert(op, sample);
+    }
+
+    fn sample_tick(&mut self, now: Instant) {
+        let me = consensus_host(self.me.host);
+        let my_load = self.vps.members.len() as u32;
+        let ops: Vec<u64> = self.vps.samples.keys().copied().collect();
+        for op in ops {
+            let sample = self.vps.samples.get_mut(&op).expect("present");
+            let searching_done =
+                sample.searches == 0 || now + Duration::from_secs(2) >= sample.deadline;
+            if searching_done && !sample.asked {
+                sample.asked = true;
+                sample.loads.insert(me, my_load);
+                let targets: Vec<PeerContact> = sample
+                    .candidates
+                    .iter()
+                    .filter(|(h, _)| **h != me)
+                    .map(|(_, c)| c.clone())
+                    .collect();
+                for contact in targets {
+                    self.send_vp(&contact, VpWire::LoadQuery { op });
+                }
+                continue;
+            }
+            let sample = self.vps.samples.get(&op).expect("present");
+            let all_answered = sample.asked && sample.loads.len() >= sample.candidates.len();
+            if all_answered || now >= sample.deadline {
+                let sample = self.vps.samples.remove(&op).expect("present");
+                // Only hosts that answered are alive enough to host a member.
+                let mut found: Vec<Candidate> = sample
+                    .candidates
+                    .into_iter()
+                    .filter_map(|(host, contact)| {
+                        sample.loads.get(&host).map(|&memberships| Candidate {
+                            host,
+                            contact,
+                            memberships,
+                        })
+                    })
+                    .collect();
+                found.sort_by_key(|c| (c.memberships, rand::random::<u32>()));
+                found.truncate(sample.want.max(found.len().min(sample.want)));
+                let _ = sample.reply.send(found);
+            }
+        }
+        self.vps
+            .sample_searches
+            .retain(|_, op| self.vps.samples.contains_key(op));
+    }
+
+    // ---- deployment ---------------------------------------------------------------------
+
+    pub(super) fn send_deploy(
+        &mut self,
+        to: PeerContact,
+        mut deploy: Deploy,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        deploy.op = self.vps.op();
+        self.vps
+            .deploys
+            .insert(deploy.op, (reply, Instant::now() + DEPLOY_TIMEOUT));
+        self.send_vp(&to, VpWire::Deploy(deploy));
+    }
+
+    fn ack_deploy(&self, deploy: &Deploy, reply_to: &PeerContact, result: Result<(), String>) {
+        if let Err(e) = &result {
+            tracing::warn!(vp = %deploy.config.vp, "deployment refused: {e}");
+        }
+        self.send_vp(
+            reply_to,
+            VpWire::DeployAck {
+                op: deploy.op,
+                vp: deploy.config.vp,
+                result,
+            },
+        );
+    }
+
+    fn on_deploy(&mut self, deploy: Deploy, reply_to: PeerContact) {
+        let vp = deploy.config.vp;
+        if self.vps.members.contains_key(&vp) {
+            self.ack_deploy(&deploy, &reply_to, Ok(()));
+            return;
+        }
+        if let Err(why) = check_config(&deploy.config) {
+            self.ack_deploy(&deploy, &reply_to, Err(why));
+            return;
+        }
+        if self.vps.members.len() >= MEMBERSHIPS_MAX {
+            self.ack_deploy(
+                &deploy,
+                &reply_to,
+                Err(format!(
+                    "this host is already in {MEMBERSHIPS_MAX} virtual peers"
+                )),
+            );
+            return;
+        }
+        for (host, contact) in &deploy.members {
+            self.vps.directory.learn(*host, contact);
+        }
+        let hash = deploy.config.module;
+        if self.vps.modules.get(&hash).is_some() {
+            self.deploy_with_module(deploy, reply_to);
+            return;
+        }
+        match self.vps.fetches.get_mut(&hash) {
+            Some(fetch) => fetch.waiting.push((deploy, reply_to)),
+            None => {
+                let from = deploy.module_from.clone();
+                tracing::info!(module = %hash.short(), from = %from.peer, "fetching module");
+                self.send_vp(&from, VpWire::FetchModule { hash, offset: 0 });
+                let fetch = Fetch {
+                    from,
+                    total: deploy.config.module_bytes,
+                    buf: Vec::new(),
+                    waiting: vec![(deploy, reply_to)],
+                    deadline: Instant::now() + DEPLOY_TIMEOUT,
+                };
+                self.vps.fetches.insert(hash, fetch);
+            }
+        }
+    }
+
+    fn on_module_chunk(&mut self, hash: ModuleHash, offset: u64, total: u64, bytes: Vec<u8>) {
+        let Some(fetch) = self.vps.fetches.get_mut(&hash) else {
+            return;
+        };
+        if offset != fetch.buf.len() as u64
+            || total != fetch.total
+            || fetch.buf.len() + bytes.len() > total as usize
+        {
+            return; // stale or inconsistent; the deadline handles a stuck transfer
+        }
+        fetch.buf.extend_from_slice(&bytes);
+        if (fetch.buf.len() as u64) < total {
+            let (from, offset) = (fetch.from.clone(), fetch.buf.len() as u64);
+            self.send_vp(&from, VpWire::FetchModule { hash, offset });
+            return;
+        }
+        let fetch = self.vps.fetches.remove(&hash).expect("present");
+        if ModuleHash::of(&fetch.buf) != hash {
+            for (deploy, reply_to) in fetch.waiting {
+                self.ack_deploy(
+                    &deploy,
+                    &reply_to,
+                    Err("the module received does not match its hash".into()),
+                );
+            }
+            return;
+        }
+        if let Err(e) = self.vps.modules.put(&fetch.buf) {
+            for (deploy, reply_to) in fetch.waiting {
+                self.ack_deploy(
+                    &deploy,
+                    &reply_to,
+                    Err(format!("cannot store the module: {e:#}")),
+                );
+            }
+            return;
+        }
+        for (deploy, reply_to) in fetch.waiting {
+            self.deploy_with_module(deploy, reply_to);
+        }
+    }
+
+    fn deploy_with_module(&mut self, deploy: Deploy, reply_to: PeerContact) {
+        let vp = deploy.config.vp;
+        let Some(bytes) = self.vps.modules.get(&deploy.config.module) else {
+            self.ack_deploy(
+                &deploy,
+                &reply_to,
+                Err("module vanished from the store".into()),
+            );
+            return;
+        };
+        let module = match self.vps.sandbox.load(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.ack_deploy(
+                    &deploy,
+                    &reply_to,
+                    Err(format!("the module does not load here: {e}")),
+                );
+                return;
+            }
+        };
+        let file = MemberFile {
+            config: deploy.config.clone(),
+            founding: deploy.founding.clone(),
+        };
+        match start_member(self.vp_ctx(), module, vp, Some(file)) {
+            Ok(handle) => {
+                tracing::info!(%vp, learner = deploy.founding.is_none(), "deployed");
+                self.vps.members.insert(vp, handle);
+                self.ack_deploy(&deploy, &reply_to, Ok(()));
+            }
+            Err(e) => self.ack_deploy(&deploy, &reply_to, Err(format!("{e:#}"))),
+        }
+    }
+
+    pub(super) fn undeploy(&mut self, vp: VpId) {
+        if let Some(handle) = self.vps.members.remove(&vp) {
+            let now = self.now();
+            let _ = self.alm.remove_key(now, &member_key(vp, self.me.host));
+            let dir = vp_dir(&self.cfg.data_dir, vp);
+            tokio::task::spawn_blocking(move || {
+                handle.stop();
+                let _ = std::fs::remove_dir_all(dir);
+            });
+            tracing::info!(%vp, "undeployed");
+        }
+    }
+
+    /// Find a host for a dead member's place and deploy there as a learner; the
+    /// member thread then checkpoints and proposes the replacement.
+    fn start_replacement(&mut self, config: VpConfig, dead: HostId, members: Vec<HostId>) {
+        let (tx, rx) = oneshot::channel();
+        let mut exclude = members.clone();
+        exclude.push(dead);
+        self.start_sample(1, exclude, tx);
+        let calls = self.calls.clone();
+        let vp = config.vp;
+        let module_from = self.me.contact.clone();
+        let contacts: Vec<(HostId, PeerContact)> = members
+            .iter()
+            .filter_map(|h| self.vps.directory.get(*h).map(|c| (*h, c)))
+            .collect();
+        tokio::spawn(async move {
+            let result = async {
+                let candidate = rx
+                    .await
+                    .ok()
+                    .and_then(|mut c| c.pop())
+                    .ok_or("no live host found through the overlay")?;
+                tracing::info!(%vp, %dead, new = %candidate.host, "replacement chosen");
+                let deploy = Deploy {
+                    op: 0,
+                    config,
+                    founding: None,
+                    module_from,
+                    members: contacts,
+                };
+                let (dtx, drx) = oneshot::channel();
+                calls
+                    .send(NodeCall::Deploy {
+                        to: candidate.contact,
+                        deploy: Box::new(deploy),
+                        reply: dtx,
+                    })
+                    .await
+                    .map_err(|_| "node stopped")?;
+                drx.await
+                    .map_err(|_| "deployment timed out".to_string())?
+                    .map_err(|e| format!("deployment failed: {e}"))?;
+                Ok::<HostId, String>(candidate.host)
+            }
+            .await;
+            let event = match result {
+                Ok(new) => MemberEvent::ReplacementReady { dead, new },
+                Err(why) => MemberEvent::ReplacementFailed {
+                    dead,
+                    why: why.to_string(),
+                },
+            };
+            let _ = calls.send(NodeCall::ToMember { vp, event }).await;
+        });
+    }
+
+    pub(super) fn on_call(&mut self, call: NodeCall) {
+        match call {
+            NodeCall::Sample {
+                want,
+                exclude,
+                reply,
+            } => self.start_sample(want, exclude, reply),
+            NodeCall::Deploy { to, deploy, reply } => self.send_deploy(to, *deploy, reply),
+            NodeCall::Send {
+                req,
+                timeout,
+                reply,
+            } => self.start_request(req, Waiter::Api(reply), timeout),
+            NodeCall::ToMember { vp, event } => {
+                if let Some(m) = self.vps.members.get(&vp) {
+                    m.send(event);
+                }
+            }
+            NodeCall::AwaitLeader { vp, reply } => {
+                self.vps.leader_waiters.entry(vp).or_default().push(reply);
+                self.vps.leaders.remove(&vp);
+                self.locate(vp);
+            }
+            NodeCall::Undeploy { to, vp } => self.send_vp(&to, VpWire::Undeploy { vp }),
+        }
+    }
+
+    /// Status of a virtual peer: from the local member, or asked of its leader.
+    pub(super) fn vp_status(&mut self, vp: VpId, reply: oneshot::Sender<Result<VpStatus, String>>) {
+        if let Some(m) = self.vps.members.get(&vp) {
+            let (tx, rx) = oneshot::channel();
+            if m.send(MemberEvent::Status(tx)) {
+                tokio::spawn(async move {
+                    let _ = reply.send(rx.await.map_err(|_| "the member stopped".to_string()));
+                });
+                return;
+            }
+        }
+        let _ = reply.send(Err(format!(
+            "this host is not a member of virtual peer {vp}"
+        )));
+    }
+}
+
+impl Node {
+    /// Ask every local member for its status.
+    pub(super) fn member_statuses(&self) -> Vec<oneshot::Receiver<VpStatus>> {
+        let mut out = Vec::new();
+        let mut members: Vec<_> = self.vps.members.iter().collect();
+        members.sort_by_key(|(vp, _)| **vp);
+        for (_, m) in members {
+            let (tx, rx) = oneshot::channel();
+            if m.send(MemberEvent::Status(tx)) {
+                out.push(rx);
+            }
+        }
+        out
+    }
+
+    /// A virtual peer named by id (16 hex digits) or by a name this host knows.
+    fn resolve_vp(&self, name: &str) -> Result<VpId, String> {
+        let named = self
+            .vps
+            .members
+            .values()
+            .find(|m| m.config.name.as_deref() == Some(name))
+            .map(|m| m.config.vp)
+            .or_else(|| self.vps.names.get(name).copied());
+        if let Some(vp) = named {
+            return Ok(vp);
+        }
+        match name.parse::<VpId>() {
+            Ok(vp) if name.len() == 16 => Ok(vp),
+            _ => Err(format!(
+                "`{name}` is neither a virtual peer id (16 hex digits) nor a name this host knows"
+            )),
+        }
+    }
+
+    pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
+        use super::api::{NodeRequest, SendAnswer};
+        match request {
+            NodeRequest::Spawn(params, module, progress) => self.spawn(params, module, progress),
+            NodeRequest::Send(name, req, reply) => {
+                let vp = match self.resolve_vp(&name) {
+                    Ok(vp) => vp,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let payload = match vp_guest_sdk::abi::encode(&req.msg) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("cannot encode the message: {e}")));
+                        return;
+                    }
+                };
+                let (client, seq) = if req.read {
+                    (new_session_id(), 0)
+                } else {
+                    self.take_session()
+                };
+                let request = Request {
+                    vp,
+                    client,
+                    seq,
+                    ack_below: seq,
+                    payload,
+                    read: req.read,
+                    reply_to: self.me.contact.clone(),
+                };
+                let timeout = req.timeout_ms.map_or(SEND_TIMEOUT, Duration::from_millis);
+                let (tx, rx) = oneshot::channel();
+                self.start_request(request, Waiter::Api(tx), timeout);
+                tokio::spawn(async move {
+                    let answer = match rx.await {
+                        Ok(Ok(Ok(bytes))) => {
+                            match vp_guest_sdk::abi::decode::<serde_json::Value>(&bytes) {
+                                Ok(v) => Ok(SendAnswer {
+                                    reply: Some(v),
+                                    error: None,
+                                }),
+                                Err(e) => Ok(SendAnswer {
+                                    reply: None,
+                                    error: Some(format!("reply is not JSON-representable: {e}")),
+                                }),
+                            }
+                        }
+                        Ok(Ok(Err(app_error))) => Ok(SendAnswer {
+                            reply: None,
+                            error: Some(app_error),
+                        }),
+                        Ok(Err(failure)) => Err(failure),
+                        Err(_) => Err("the host dropped the request".to_string()),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+            NodeRequest::VpList(reply) => {
+                let pending = self.member_statuses();
+                tokio::spawn(async move {
+                    let mut list = Vec::new();
+                    for rx in pending {
+                        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+                            list.push(s);
+                        }
+                    }
+                    let _ = reply.send(list);
+                });
+            }
+            NodeRequest::VpStatus(name, reply) => match self.resolve_vp(&name) {
+                Ok(vp) => self.vp_status(vp, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            NodeRequest::VpDigest(name, reply) => {
+                let vp = match self.resolve_vp(&name) {
+                    Ok(vp) => vp,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let Some(m) = self.vps.members.get(&vp) else {
+                    let _ = reply.send(Err(format!(
+                        "this host is not a member of virtual peer {vp}"
+                    )));
+                    return;
+                };
+                let (tx, rx) = oneshot::channel();
+                m.send(MemberEvent::Digest(tx));
+                tokio::spawn(async move {
+                    let answer = match rx.await {
+                        Ok(Some(d)) => Ok(d.to_string()),
+                        Ok(None) => Err("the member has no state yet".to_string()),
+                        Err(_) => Err("the member stopped".to_string()),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+            _ => unreachable!("on_vp_request handles virtual-peer requests only"),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        params: super::api::SpawnParams,
+        module: Vec<u8>,
+        progress: mpsc::Sender<SpawnEvent>,
+    ) {
+        let fail = |progress: mpsc::Sender<SpawnEvent>, error: String| {
+            tokio::spawn(async move {
+                let _ = progress.send(SpawnEvent::Failed { error }).await;
+            });
+        };
+        // Refuse a bad module here, with the sandbox's own error, before any host is involved.
+        let loaded = match self.vps.sandbox.load(&module) {
+            Ok(m) => m,
+            Err(e) => return fail(progress, format!("the module was refused: {e}")),
+        };
+        let hash = match self.vps.modules.put(&module) {
+            Ok(h) => h,
+            Err(e) => return fail(progress, format!("cannot store the module: {e:#}")),
+        };
+        let defaults = crate::sandbox::GuestLimits::default();
+        let limits = crate::sandbox::GuestLimits {
+            fuel_per_message: params.fuel_per_message.unwrap_or(defaults.fuel_per_message),
+            memory_bytes_max: params.memory_max.unwrap_or(defaults.memory_bytes_max),
+            ..defaults
+        };
+        let config = VpConfig {
+            vp: VpId(rand::random()),
+            name: params.name.clone(),
+            module: hash,
+            module_bytes: module.len() as u64,
+            limits,
+            members: params.members.unwrap_or(3),
+            timing: VpConfig::default_timing(),
+            replace_after_ms: params.replace_after_ms.unwrap_or(500),
+            checkpoint_every_slots: params.checkpoint_every_slots.unwrap_or(10_000),
+        };
+        if let Err(e) = check_config(&config) {
+            return fail(progress, e);
+        }
+        if let Some(name) = &config.name {
+            self.vps.names.insert(name.clone(), config.vp);
+        }
+        let calls = self.calls.clone();
+        let me = self.me.contact.clone();
+        tokio::spawn(async move {
+            let _ = progress
+                .send(SpawnEvent::Progress {
+                    message: format!(
+                        "module {} ({} bytes) checked",
+                        loaded.hash().short(),
+                        loaded.bytes_len()
+                    ),
+                })
+                .await;
+            let event = match spawn_vp(calls, me, config, progress.clone()).await {
+                Ok((vp, members, leader)) => SpawnEvent::Done {
+                    vp: vp.to_string(),
+                    members: members.iter().map(ToString::to_string).collect(),
+                    leader: leader.to_string(),
+                },
+                Err(error) => SpawnEvent::Failed { error },
+            };
+            let _ = progress.send(event).await;
+        });
+    }
+}
+
+/// Refuse configurations a host should not run.
+fn check_config(config: &VpConfig) -> Result<(), String> {
+    if config.members == 0 || config.members > 7 {
+        return Err(format!(
+            "{} members; a virtual peer has 1 to 7",
+            config.members
+        ));
+    }
+    if config.limits.fuel_per_message == 0 {
+        return Err("fuel per message is 0".into());
+    }
+    if config.limits.memory_bytes_max > 4 << 30 {
+        return Err("memory limit above 4 GiB (the wasm32 maximum)".into());
+    }
+    if config.timing.election_timeout_us < 10_000 || config.timing.heartbeat_interval_us == 0 {
+        return Err("consensus timers out of range".into());
+    }
+    Ok(())
+}
+
+/// The founding membership of a new virtual peer.
+pub fn founding(voters: Vec<HostId>) -> Membership {
+    Membership {
+        epoch: vp_consensus::Epoch(1),
+        voters,
+        learners: Vec::new(),
+    }
+}
+
+/// What a spawn reports while it deploys (one JSON line each on the API).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpawnEvent {
+    Progress {
+        message: String,
+    },
+    Done {
+        vp: String,
+        members: Vec<String>,
+        leader: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Deploy a new virtual peer: choose hosts, deploy the module to each, wait
+/// for a leader. The module is already in this host's store.
+pub async fn spawn_vp(
+    calls: mpsc::Sender<NodeCall>,
+    me: PeerContact,
+    config: VpConfig,
+    progress: mpsc::Sender<SpawnEvent>,
+) -> Result<(VpId, Vec<HostId>, HostId), String> {
+    let say = |message: String| {
+        let progress = progress.clone();
+        async move {
+            let _ = progress.send(SpawnEvent::Progress { message }).await;
+        }
+    };
+    let call = |c: NodeCall| {
+        let calls = calls.clone();
+        async move {
+            calls
+                .send(c)
+                .await
+                .map_err(|_| "the host is shutting down".to_string())
+        }
+    };
+    let vp = config.vp;
+    say(format!(
+        "placing {} members (least-loaded hosts found through the overlay)",
+        config.members
+    ))
+    .await;
+    let (tx, rx) = oneshot::channel();
+    call(NodeCall::Sample {
+        want: config.members,
+        exclude: Vec::new(),
+        reply: tx,
+    })
+    .await?;
+    let chosen = rx.await.map_err(|_| "placement stopped".to_string())?;
+    if chosen.len() < config.members {
+        return Err(format!(
+            "found only {} live hosts through the overlay; {} members need {} hosts",
+            chosen.len(),
+            config.members,
+            config.members
+        ));
+    }
+    let voters: Vec<HostId> = chosen.iter().map(|c| c.host).collect();
+    for c in &chosen {
+        say(format!(
+            "host {} ({} memberships) chosen",
+            c.host, c.memberships
+        ))
+        .await;
+    }
+    let membership = founding(voters.clone());
+    let members: Vec<(HostId, PeerContact)> =
+        chosen.iter().map(|c| (c.host, c.contact.clone())).collect();
+    let mut acks = Vec::new();
+    for c in &chosen {
+        let deploy = Deploy {
+            op: 0,
+            config: config.clone(),
+            founding: Some(membership.clone()),
+            module_from: me.clone(),
+            members: members.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        call(NodeCall::Deploy {
+            to: c.contact.clone(),
+            deploy: Box::new(deploy),
+            reply: tx,
+        })
+        .await?;
+        acks.push((c.host, c.contact.clone(), rx));
+    }
+    let mut failed = None;
+    let mut deployed = Vec::new();
+    for (host, contact, rx) in acks {
+        match rx.await {
+            Ok(Ok(())) => {
+                say(format!("deployed on host {host}")).await;
+                deployed.push(contact);
+            }
+            Ok(Err(e)) => failed = Some(format!("host {host} refused: {e}")),
+            Err(_) => failed = Some(format!("host {host} did not answer in time")),
+        }
+    }
+    if let Some(why) = failed {
+        for contact in deployed {
+            let _ = call(NodeCall::Undeploy { to: contact, vp }).await;
+        }
+        return Err(why);
+    }
+    say("waiting for the members to elect a leader".to_string()).await;
+    let (tx, rx) = oneshot::channel();
+    call(NodeCall::AwaitLeader { vp, reply: tx }).await?;
+    let leader = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .map_err(|_| "no leader was elected within 30 s".to_string())?
+        .map_err(|_| "the host is shutting down".to_string())?;
+    Ok((vp, voters, leader))
+}

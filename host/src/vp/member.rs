@@ -1,0 +1,1016 @@
+//! One host's membership in one virtual peer, on a thread of its own.
+//!
+//! The thread owns the consensus replica, its durable log (a `FileStore` in
+//! `<data dir>/vps/<vp id>/log`) and the guest. Its loop:
+//!
+//! 1. wait for an event (a consensus message, a request, a timer);
+//! 2. take every other queued event too, and feed them all in;
+//! 3. drain the replica: persist what it asks (all pending batches, one
+//!    fdatasync: group commit), only then send its messages (nothing promised
+//!    or accepted leaves before it is durable), and apply decided entries to
+//!    the guest in slot order, answering clients and queueing outbound messages.
+//!
+//! Applying runs the guest on this thread, so a slow guest delays only its own
+//! virtual peer, never the overlay or other virtual peers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot};
+use vp_consensus::{
+    Apply, Bytes, ClientId, Command, FileStore, HostId, Membership, MembershipChange, Outcome,
+    ReadId, ReadMode, Replica, ReplicaConfig, Reply as SessionReply, Slot, Storage, Time,
+};
+use vp_guest_sdk::abi::{self, Effect, Envelope, Input, VpId, WireResult};
+
+use super::directory::Directory;
+use super::wire::{Reply, Request, VpWire};
+use super::{
+    HostState, LogInput, Outbound, VpConfig, VpStatus, address_of, client_of, decode_image,
+    encode_image,
+};
+use crate::net::Net;
+use crate::node::Wire;
+use crate::node::overlay::PeerContact;
+use crate::sandbox::{Guest, LoadedModule, Sandbox, StateDigest};
+
+/// Events queued for a member thread before the node drops new ones.
+pub const MEMBER_QUEUE_MAX: usize = 8192;
+/// Requests a leader holds while they are being ordered.
+pub const PENDING_REQUESTS_MAX: usize = 100_000;
+/// Log bytes applied before a checkpoint is taken regardless of slot count.
+pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
+/// How often the leader resends outbound messages that have no logged answer.
+const OUTBOX_RESEND: Duration = Duration::from_secs(2);
+/// A replacement that has not finished in this long is abandoned (and retried).
+const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the loop runs its own duties even without events.
+const TICK: Duration = Duration::from_millis(20);
+
+/// What the node (or the API, through it) asks a member thread.
+#[derive(Debug)]
+pub enum MemberEvent {
+    Paxos {
+        from: HostId,
+        msg: vp_consensus::Message,
+    },
+    Request(Request),
+    Locate {
+        nonce: u64,
+        reply_to: PeerContact,
+    },
+    /// The answer to outbound message `id`, from the callee's leader.
+    OutboundReply {
+        id: u64,
+        result: WireResult,
+    },
+    /// A host is ready to replace `dead` (deployed as a learner).
+    ReplacementReady {
+        dead: HostId,
+        new: HostId,
+    },
+    ReplacementFailed {
+        dead: HostId,
+        why: String,
+    },
+    Status(oneshot::Sender<VpStatus>),
+    Digest(oneshot::Sender<Option<StateDigest>>),
+    Stop,
+}
+
+/// What a member thread asks of the node.
+#[derive(Debug)]
+pub enum MemberOutput {
+    /// Insert (true) or remove (false) this host's key under the virtual peer's prefix.
+    Key { vp: VpId, insert: bool },
+    /// Deliver this virtual peer's outbound message (routed like a client request).
+    Outbound(Request),
+    /// Find a host to replace `dead` and deploy the virtual peer there as a learner.
+    FindReplacement {
+        vp: VpId,
+        dead: HostId,
+        members: Vec<HostId>,
+    },
+    /// This host is no longer a member; the thread has exited.
+    Removed { vp: VpId },
+    /// Storage failed: the member stopped (fail-stop).
+    Failed { vp: VpId, why: String },
+    /// A host id whose contact is unknown (look it up in the overlay).
+    Resolve(HostId),
+}
+
+/// The node's handle on a member thread.
+pub struct MemberHandle {
+    pub config: VpConfig,
+    tx: SyncSender<MemberEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MemberHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberHandle")
+            .field("vp", &self.config.vp)
+            .finish()
+    }
+}
+
+impl MemberHandle {
+    /// Queue an event; never waits. `false` if the queue is full or the thread is gone.
+    pub fn send(&self, event: MemberEvent) -> bool {
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!(vp = %self.config.vp, "member queue full; event dropped");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(mut self) {
+        let _ = self.tx.send(MemberEvent::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a member keeps on disk besides the log: `<vp dir>/member.json`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MemberFile {
+    pub config: VpConfig,
+    /// The founding membership (None for a member that joined as a learner).
+    pub founding: Option<Membership>,
+}
+
+/// The directory of a virtual peer's state on this host.
+pub fn vp_dir(data_dir: &Path, vp: VpId) -> PathBuf {
+    data_dir.join("vps").join(vp.to_string())
+}
+
+/// Everything a member thread needs from the host.
+#[derive(Clone)]
+pub struct MemberContext {
+    pub me: HostId,
+    pub me_contact: PeerContact,
+    pub data_dir: PathBuf,
+    pub sandbox: Arc<Sandbox>,
+    pub net: Net<Wire>,
+    pub directory: Directory,
+    pub node: mpsc::Sender<MemberOutput>,
+}
+
+fn now_us(last: &mut u64) -> Time {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    *last = (*last).max(wall);
+    Time(*last)
+}
+
+/// Start (or restart) a member. With `file` given, the virtual peer is new
+/// on this host (written to disk first); without, it is recovered from disk.
+pub fn start_member(
+    ctx: MemberContext,
+    module: Arc<LoadedModule>,
+    vp: VpId,
+    file: Option<MemberFile>,
+) -> Result<MemberHandle> {
+    let dir = vp_dir(&ctx.data_dir, vp);
+    let file = match file {
+        Some(file) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            crate::exec::write_atomically(
+                &dir.join("member.json"),
+                &serde_json::to_vec_pretty(&file)?,
+            )?;
+            file
+        }
+        None => {
+            let bytes = std::fs::read(dir.join("member.json"))
+                .with_context(|| format!("cannot read {}", dir.join("member.json").display()))?;
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is corrupt", dir.join("member.json").display()))?
+        }
+    };
+    let mut store = FileStore::open(dir.join("log")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let recovered = store
+        .load()
+        .map_err(|e| anyhow::anyhow!("cannot load the log of vp {vp}: {e}"))?;
+    let mut clock = 0;
+    let now = now_us(&mut clock);
+    let cfg = ReplicaConfig {
+        id: ctx.me,
+        seed: rand::random(),
+        timing: file.config.timing.clone(),
+        limits: VpConfig::consensus_limits(),
+    };
+    let fresh = recovered.snapshot.is_none() && recovered.records.is_empty();
+    // A founding member without a snapshot on disk starts from the implicit
+    // empty state at slot 0 (the replica hands out no snapshot for it); a
+    // learner, or a member with a snapshot, gets its state from `Apply::Snapshot`.
+    let start_fresh_guest = recovered.snapshot.is_none() && file.founding.is_some();
+    let replica = if fresh {
+        Replica::new(cfg, file.founding.clone(), now)
+    } else {
+        Replica::recover(cfg, file.founding.clone(), recovered, now)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    let membership = replica.membership().clone();
+    let config = file.config.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(MEMBER_QUEUE_MAX);
+    let member = Member {
+        cfg: file.config,
+        ctx,
+        module,
+        replica,
+        store,
+        guest: None,
+        state: HostState::default(),
+        clock,
+        pending: HashMap::new(),
+        reads: HashMap::new(),
+        applied: Slot(0),
+        last_checkpoint: Slot(0),
+        log_bytes_since_checkpoint: 0,
+        keyed: false,
+        membership,
+        leading: false,
+        outbox_sent: HashMap::new(),
+        replacing: None,
+        was_member: false,
+        stopped: false,
+        last_tick: Time(0),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("vp-{vp}"))
+        .spawn(move || member.run(rx, start_fresh_guest))
+        .context("cannot start the member thread")?;
+    Ok(MemberHandle {
+        config,
+        tx,
+        thread: Some(thread),
+    })
+}
+
+struct Replacement {
+    dead: HostId,
+    new: Option<HostId>,
+    started: Time,
+}
+
+struct Member {
+    cfg: VpConfig,
+    ctx: MemberContext,
+    module: Arc<LoadedModule>,
+    replica: Replica,
+    store: FileStore,
+    /// None until the first snapshot is applied (a fresh or recovered start
+    /// gets one at once; a learner when the leader's snapshot arrives).
+    guest: Option<Guest>,
+    state: HostState,
+    clock: u64,
+    /// Requests this leader proposed, waiting for their reply: who to tell.
+    pending: HashMap<(ClientId, u64), PeerContact>,
+    reads: HashMap<ReadId, Request>,
+    applied: Slot,
+    last_checkpoint: Slot,
+    log_bytes_since_checkpoint: u64,
+    /// Whether our key is in the overlay under the virtual peer's prefix.
+    keyed: bool,
+    membership: Arc<Membership>,
+    leading: bool,
+    outbox_sent: HashMap<u64, Time>,
+    replacing: Option<Replacement>,
+    /// This host has appeared in an applied membership.
+    was_member: bool,
+    stopped: bool,
+    last_tick: Time,
+}
+
+impl Member {
+    fn vp(&self) -> VpId {
+        self.cfg.vp
+    }
+
+    fn now(&mut self) -> Time {
+        now_us(&mut self.clock)
+    }
+
+    fn run(mut self, rx: Receiver<MemberEvent>, start_fresh_guest: bool) {
+        let span = tracing::info_span!("vp", vp = %self.vp());
+        let _guard = span.enter();
+        tracing::info!(voters = ?self.membership.voters, "member started");
+        self.was_member = self.membership.is_member(self.ctx.me);
+        if start_fresh_guest {
+            self.install(Slot(0), self.membership.clone(), Bytes::default());
+        }
+        if self.membership.is_voter(self.ctx.me) && !self.keyed {
+            self.set_key(true);
+        }
+        while !self.stopped {
+            let now = self.now();
+            let wait = self
+                .replica
+                .poll_timeout()
+                .map(|t| Duration::from_micros(t.0.saturating_sub(now.0)))
+                .unwrap_or(TICK)
+                .min(TICK);
+            match rx.recv_timeout(wait) {
+                Ok(event) => {
+                    self.on_event(event);
+                    for event in rx.try_iter().take(4096) {
+                        self.on_event(event);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = self.now();
+            if self.replica.poll_timeout().is_some_and(|t| t <= now) {
+                self.replica.handle_timeout(now);
+            }
+            if now.since(self.last_tick) >= TICK.as_micros() as u64 {
+                self.last_tick = now;
+                self.duties(now);
+            }
+            self.drain();
+        }
+        tracing::info!("member stopped");
+    }
+
+    fn on_event(&mut self, event: MemberEvent) {
+        let now = self.now();
+        match event {
+            MemberEvent::Paxos { from, msg } => {
+                if let Err(e) = self.replica.handle_message(now, from, msg) {
+                    tracing::debug!(%from, "consensus message refused: {e}");
+                }
+            }
+            MemberEvent::Request(req) => self.on_request(now, req),
+            MemberEvent::Locate { nonce, reply_to } => {
+                let leader = self.leader_contact();
+                let msg = VpWire::Located {
+                    vp: self.vp(),
+                    nonce,
+                    member: self.ctx.me,
+                    leader,
+                };
+                self.send_to_peer(&reply_to, msg);
+            }
+            MemberEvent::OutboundReply { id, result } => {
+                if self.replica.is_leader() && self.state.outbox.contains_key(&id) {
+                    let cmd = Command {
+                        client: super::reply_client(self.vp()),
+                        seq: id,
+                        ack_below: self.state.outbox.keys().next().copied().unwrap_or(id),
+                        payload: encode_input(&LogInput::OutboundReply(id, result)),
+                    };
+                    if let Err(e) = self.replica.propose(now, cmd) {
+                        tracing::debug!(id, "cannot log the reply to outbound message: {e}");
+                    }
+                }
+            }
+            MemberEvent::ReplacementReady { dead, new } => {
+                self.on_replacement_ready(now, dead, new)
+            }
+            MemberEvent::ReplacementFailed { dead, why } => {
+                tracing::warn!(%dead, "no replacement found: {why}; will try again");
+                self.replacing = None;
+            }
+            MemberEvent::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            MemberEvent::Digest(reply) => {
+                let _ = reply.send(self.guest.as_mut().map(Guest::digest));
+            }
+            MemberEvent::Stop => self.stopped = true,
+        }
+    }
+
+    fn leader_contact(&self) -> Option<(HostId, PeerContact)> {
+        let leader = if self.replica.is_leader() {
+            Some(self.ctx.me)
+        } else {
+            self.replica.leader_hint()
+        }?;
+        let contact = if leader == self.ctx.me {
+            Some(self.ctx.me_contact.clone())
+        } else {
+            self.ctx.directory.get(leader)
+        };
+        contact.map(|c| (leader, c))
+    }
+
+    fn on_request(&mut self, now: Time, req: Request) {
+        let sender = HostId(crate::node::overlay::host_id_of(&req.reply_to.peer).0);
+        self.ctx.directory.learn(sender, &req.reply_to);
+        if !self.replica.is_leader() || self.guest.is_none() {
+            let msg = VpWire::Redirect {
+                vp: self.vp(),
+                client: req.client,
+                seq: req.seq,
+                leader: self.leader_contact(),
+            };
+            self.send_to_peer(&req.reply_to, msg);
+            return;
+        }
+        if req.read {
+            match self.replica.read(now, ReadMode::ReadIndex) {
+                Ok(id) => {
+                    self.reads.insert(id, req);
+                }
+                Err(e) => self.reply(
+                    &req.reply_to,
+                    req.client,
+                    req.seq,
+                    Err(format!("read refused: {e}")),
+                ),
+            }
+            return;
+        }
+        if self.pending.len() >= PENDING_REQUESTS_MAX {
+            self.reply(
+                &req.reply_to,
+                req.client,
+                req.seq,
+                Err("virtual peer overloaded; retry later".into()),
+            );
+            return;
+        }
+        let cmd = Command {
+            client: req.client,
+            seq: req.seq,
+            ack_below: req.ack_below,
+            payload: encode_input(&LogInput::Request(req.payload)),
+        };
+        match self.replica.propose(now, cmd) {
+            Ok(()) => {
+                self.pending.insert((req.client, req.seq), req.reply_to);
+            }
+            Err(vp_consensus::ProposeError::NotLeader { .. }) => {
+                let msg = VpWire::Redirect {
+                    vp: self.vp(),
+                    client: req.client,
+                    seq: req.seq,
+                    leader: self.leader_contact(),
+                };
+                self.send_to_peer(&req.reply_to, msg);
+            }
+            Err(e) => self.reply(
+                &req.reply_to,
+                req.client,
+                req.seq,
+                Err(format!("not accepted: {e}")),
+            ),
+        }
+    }
+
+    fn reply(&self, to: &PeerContact, client: ClientId, seq: u64, result: WireResult) {
+        let msg = VpWire::Reply(Reply {
+            vp: self.vp(),
+            client,
+            seq,
+            result,
+            leader: self.ctx.me,
+        });
+        self.send_to_peer(to, msg);
+    }
+
+    fn send_to_peer(&self, to: &PeerContact, msg: VpWire) {
+        self.ctx
+            .net
+            .add_addresses(to.peer, to.addrs.iter().cloned());
+        if to.peer == self.ctx.me_contact.peer {
+            // A reply to ourselves (a client on this host): through the node like any frame.
+            let _ = self.ctx.net.send_local(Wire::Vp(msg));
+            return;
+        }
+        if let Err(e) = self.ctx.net.send(to.peer, &Wire::Vp(msg)) {
+            tracing::debug!(peer = %to.peer, "not sent: {e}");
+        }
+    }
+
+    /// Periodic work: leadership changes, outbox resends, member replacement.
+    fn duties(&mut self, now: Time) {
+        let leading = self.replica.is_leader();
+        if leading != self.leading {
+            self.leading = leading;
+            if leading {
+                tracing::info!(epoch = self.replica.epoch().0, "leading");
+                self.outbox_sent.clear();
+            } else {
+                tracing::info!(leader = ?self.replica.leader_hint(), "no longer leading");
+                // Tell waiting clients to go elsewhere now rather than time out.
+                for ((client, seq), to) in std::mem::take(&mut self.pending) {
+                    let msg = VpWire::Redirect {
+                        vp: self.vp(),
+                        client,
+                        seq,
+                        leader: self.leader_contact(),
+                    };
+                    self.send_to_peer(&to, msg);
+                }
+                self.replacing = None;
+            }
+        }
+        if !leading || self.guest.is_none() {
+            return;
+        }
+        // Outbound messages without a logged answer: (re)send.
+        let due: Vec<u64> = self
+            .state
+            .outbox
+            .keys()
+            .filter(|id| {
+                self.outbox_sent
+                    .get(id)
+                    .is_none_or(|t| now.since(*t) >= OUTBOX_RESEND.as_micros() as u64)
+            })
+            .copied()
+            .take(1024)
+            .collect();
+        for id in due {
+            self.send_outbound(now, id);
+        }
+        self.check_members(now);
+    }
+
+    fn send_outbound(&mut self, now: Time, id: u64) {
+        let Some(out) = self.state.outbox.get(&id) else {
+            return;
+        };
+        let ack_below = self
+            .state
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.to == out.to)
+            .map(|(i, _)| *i)
+            .next()
+            .unwrap_or(id);
+        let req = Request {
+            vp: out.to,
+            client: super::vp_client(self.vp()),
+            seq: id,
+            ack_below,
+            payload: out.payload.clone(),
+            read: false,
+            reply_to: self.ctx.me_contact.clone(),
+        };
+        self.outbox_sent.insert(id, now);
+        let _ = self.ctx.node.try_send(MemberOutput::Outbound(req));
+    }
+
+    /// The leader's failure detector: a voter silent for `replace_after_ms`
+    /// is replaced by a host the node finds through the overlay.
+    fn check_members(&mut self, now: Time) {
+        if let Some(r) = &self.replacing {
+            if now.since(r.started) > REPLACEMENT_TIMEOUT.as_micros() as u64 {
+                tracing::warn!(dead = %r.dead, "replacement did not finish in time; giving up on this attempt");
+                self.replacing = None;
+            }
+            return;
+        }
+        if !self.membership.learners.is_empty() {
+            return;
+        }
+        let limit = self.cfg.replace_after_ms * 1000;
+        let dead = self
+            .replica
+            .member_silence_us(now)
+            .into_iter()
+            .filter(|(h, silence)| self.membership.is_voter(*h) && *silence >= limit)
+            .map(|(h, _)| h)
+            .next();
+        if let Some(dead) = dead {
+            tracing::info!(%dead, silent_ms = self.cfg.replace_after_ms, "member is silent; finding a replacement");
+            self.replacing = Some(Replacement {
+                dead,
+                new: None,
+                started: now,
+            });
+            let members = self.membership.all_hosts().collect();
+            let _ = self.ctx.node.try_send(MemberOutput::FindReplacement {
+                vp: self.vp(),
+                dead,
+                members,
+            });
+        }
+    }
+
+    fn on_replacement_ready(&mut self, now: Time, dead: HostId, new: HostId) {
+        let wanted = self
+            .replacing
+            .as_ref()
+            .is_some_and(|r| r.dead == dead && r.new.is_none());
+        if !wanted || !self.replica.is_leader() || !self.membership.is_voter(dead) {
+            return;
+        }
+        // Checkpoint now, so the new member receives the guest's current state
+        // (strong migration) instead of replaying the whole log.
+        self.checkpoint(true);
+        match self.replica.reconfigure(
+            now,
+            MembershipChange::Replace {
+                remove: dead,
+                add: new,
+            },
+        ) {
+            Ok(()) => {
+                tracing::info!(%dead, %new, "replacing member: copying state to the new host");
+                if let Some(r) = &mut self.replacing {
+                    r.new = Some(new);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%dead, %new, "cannot start the replacement: {e}");
+                self.replacing = None;
+            }
+        }
+    }
+
+    /// Persist, then send, then apply, until the replica has nothing more.
+    fn drain(&mut self) {
+        loop {
+            let mut progressed = false;
+            let mut batches = Vec::new();
+            while let Some(batch) = self.replica.poll_persist() {
+                batches.push(batch);
+            }
+            if !batches.is_empty() {
+                progressed = true;
+                match self.store.commit(&batches) {
+                    Ok(Some(token)) => self.replica.on_persisted(token),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // Fail-stop: the disk no longer matches what we would promise.
+                        let why = format!("storage failed: {e}");
+                        tracing::error!("{why}; stopping this member");
+                        let _ = self
+                            .ctx
+                            .node
+                            .try_send(MemberOutput::Failed { vp: self.vp(), why });
+                        self.stopped = true;
+                        return;
+                    }
+                }
+            }
+            while let Some((to, msg)) = self.replica.poll_send() {
+                progressed = true;
+                self.send_paxos(to, msg);
+            }
+            while let Some(apply) = self.replica.poll_apply() {
+                progressed = true;
+                self.apply(apply);
+                if self.stopped {
+                    return;
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn send_paxos(&self, to: HostId, msg: vp_consensus::Message) {
+        let Some(contact) = self.ctx.directory.get(to) else {
+            let _ = self.ctx.node.try_send(MemberOutput::Resolve(to));
+            return;
+        };
+        self.ctx
+            .net
+            .add_addresses(contact.peer, contact.addrs.iter().cloned());
+        if let Err(e) = self
+            .ctx
+            .net
+            .send(contact.peer, &Wire::Paxos { vp: self.vp(), msg })
+        {
+            tracing::trace!(%to, "consensus message not sent: {e}");
+        }
+    }
+
+    fn apply(&mut self, apply: Apply) {
+        match apply {
+            Apply::Snapshot {
+                slot,
+                membership,
+                app_state,
+            } => self.install(slot, membership, app_state),
+            Apply::Batch {
+                slot,
+                time_ms,
+                entropy,
+                batch,
+                outcomes,
+            } => {
+                for (i, (cmd, outcome)) in batch.commands.iter().zip(outcomes).enumerate() {
+                    let entropy = entropy ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    self.apply_command(time_ms, entropy, cmd, outcome);
+                }
+                self.log_bytes_since_checkpoint += batch.cost_bytes() as u64;
+                self.after_slot(slot);
+            }
+            Apply::Noop { slot } => self.after_slot(slot),
+            Apply::Membership { slot, membership } => {
+                self.on_membership(membership);
+                if !self.stopped {
+                    self.after_slot(slot);
+                }
+            }
+            Apply::ReadReady { id } => {
+                if let Some(req) = self.reads.remove(&id) {
+                    let result = match self.guest.as_mut() {
+                        Some(guest) => guest
+                            .query(&req.payload)
+                            .unwrap_or_else(|e| Err(e.to_string())),
+                        None => Err("this member has no state yet; retry".to_string()),
+                    };
+                    self.reply(&req.reply_to, req.client, req.seq, result);
+                }
+            }
+            Apply::ReadAborted { id } => {
+                if let Some(req) = self.reads.remove(&id) {
+                    let msg = VpWire::Redirect {
+                        vp: self.vp(),
+                        client: req.client,
+                        seq: req.seq,
+                        leader: self.leader_contact(),
+                    };
+                    self.send_to_peer(&req.reply_to, msg);
+                }
+            }
+        }
+    }
+
+    fn after_slot(&mut self, slot: Slot) {
+        self.applied = slot;
+        let due = slot.0.saturating_sub(self.last_checkpoint.0) >= self.cfg.checkpoint_every_slots
+            || self.log_bytes_since_checkpoint >= CHECKPOINT_LOG_BYTES;
+        if due {
+            self.checkpoint(false);
+        }
+    }
+
+    /// Hand consensus an image of the state as of the last applied slot.
+    fn checkpoint(&mut self, forced: bool) {
+        let Some(guest) = self.guest.as_mut() else {
+            return;
+        };
+        if self.applied.0 == 0 || (!forced && self.applied <= self.last_checkpoint) {
+            return;
+        }
+        let image = match encode_image(&self.state, |out| guest.encode_snapshot_into(out)) {
+            Ok(image) => image,
+            Err(e) => {
+                tracing::error!("cannot encode a checkpoint: {e}");
+                return;
+            }
+        };
+        let bytes = image.len();
+        match self.replica.checkpoint(self.applied, Bytes::from(image)) {
+            Ok(()) => {
+                tracing::debug!(slot = self.applied.0, bytes, "checkpoint");
+                self.last_checkpoint = self.applied;
+                self.log_bytes_since_checkpoint = 0;
+            }
+            Err(e) => tracing::debug!("checkpoint refused: {e}"),
+        }
+    }
+
+    /// Replace the application state: a fresh guest (empty image at slot 0)
+    /// or the guest and host state of a snapshot.
+    fn install(&mut self, slot: Slot, membership: Arc<Membership>, app_state: Bytes) {
+        let started = std::time::Instant::now();
+        let result = if app_state.is_empty() {
+            self.state = HostState::default();
+            Guest::start(&self.ctx.sandbox, self.module.clone(), self.cfg.limits)
+                .map_err(|e| e.to_string())
+        } else {
+            match decode_image(&app_state) {
+                Ok((state, range)) => {
+                    self.state = state;
+                    Guest::restore_shared(
+                        &self.ctx.sandbox,
+                        self.module.clone(),
+                        app_state.as_arc().clone(),
+                        range,
+                        self.cfg.limits,
+                    )
+                    .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("snapshot image is corrupt: {e}")),
+            }
+        };
+        match result {
+            Ok(mut guest) => {
+                guest.set_label(&self.vp().to_string());
+                if slot.0 > 0 {
+                    tracing::info!(
+                        slot = slot.0,
+                        bytes = app_state.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "state installed from snapshot"
+                    );
+                }
+                self.guest = Some(guest);
+            }
+            Err(e) => {
+                // Every replica gets the same image; a guest that cannot start here
+                // cannot start anywhere. Stop this member rather than diverge.
+                let why = format!("cannot start the guest at slot {}: {e}", slot.0);
+                tracing::error!("{why}");
+                let _ = self
+                    .ctx
+                    .node
+                    .try_send(MemberOutput::Failed { vp: self.vp(), why });
+                self.stopped = true;
+                return;
+            }
+        }
+        self.applied = slot;
+        self.last_checkpoint = slot;
+        self.outbox_sent.clear();
+        self.on_membership(membership);
+    }
+
+    fn on_membership(&mut self, membership: Arc<Membership>) {
+        if membership.epoch == self.membership.epoch && membership.voters == self.membership.voters
+        {
+            self.membership = membership;
+            return;
+        }
+        tracing::info!(epoch = membership.epoch.0, voters = ?membership.voters, learners = ?membership.learners, "membership");
+        if let Some(r) = &self.replacing
+            && !membership.is_voter(r.dead)
+        {
+            tracing::info!(dead = %r.dead, new = ?r.new, "member replaced");
+            self.replacing = None;
+        }
+        self.membership = membership;
+        let me = self.ctx.me;
+        if self.membership.is_voter(me) && !self.keyed {
+            self.set_key(true);
+        }
+        if self.membership.is_member(me) {
+            self.was_member = true;
+        }
+        // A learner's first snapshot may predate its own addition: only a host
+        // that has seen itself in the membership concludes it was removed.
+        if self.was_member && !self.membership.is_member(me) {
+            tracing::info!("this host is no longer a member; leaving the virtual peer");
+            if self.keyed {
+                self.set_key(false);
+            }
+            let _ = self
+                .ctx
+                .node
+                .try_send(MemberOutput::Removed { vp: self.vp() });
+            self.stopped = true;
+        }
+    }
+
+    fn set_key(&mut self, insert: bool) {
+        self.keyed = insert;
+        let _ = self.ctx.node.try_send(MemberOutput::Key {
+            vp: self.vp(),
+            insert,
+        });
+    }
+
+    fn apply_command(&mut self, time_ms: u64, entropy: u64, cmd: &Command, outcome: Outcome) {
+        match outcome {
+            Outcome::Fresh => {}
+            Outcome::Duplicate(reply) => {
+                // Answered from the session table, never applied twice.
+                if let Some(to) = self.pending.remove(&(cmd.client, cmd.seq)) {
+                    let result = match reply {
+                        SessionReply::Cached(bytes) => abi::codec::decode_result(&bytes)
+                            .unwrap_or_else(|e| Err(format!("cached reply unreadable: {e}"))),
+                        SessionReply::Pending => {
+                            self.pending.insert((cmd.client, cmd.seq), to);
+                            return;
+                        }
+                        SessionReply::Forgotten => {
+                            Err("request already handled; its reply is no longer kept".into())
+                        }
+                    };
+                    self.reply(&to, cmd.client, cmd.seq, result);
+                }
+                return;
+            }
+        }
+        let input = match abi::decode::<LogInput>(&cmd.payload) {
+            Ok(input) => input,
+            Err(e) => {
+                self.record_and_answer(cmd.client, cmd.seq, Err(format!("malformed request: {e}")));
+                return;
+            }
+        };
+        let envelope = match input {
+            LogInput::Request(payload) => Envelope(
+                time_ms,
+                entropy,
+                Input::Request(address_of(cmd.client), cmd.seq, payload.into()),
+            ),
+            LogInput::OutboundReply(id, result) => {
+                self.record(cmd.client, cmd.seq, &Ok(Vec::new().into()));
+                if self.state.outbox.remove(&id).is_none() {
+                    return; // already answered
+                }
+                self.outbox_sent.remove(&id);
+                Envelope(time_ms, entropy, Input::CallReply(id, result))
+            }
+        };
+        let is_request = matches!(envelope.2, Input::Request(..));
+        let Some(guest) = self.guest.as_mut() else {
+            tracing::error!("a decided entry arrived before any state was installed");
+            return;
+        };
+        match guest.handle(&envelope) {
+            Ok(effects) => {
+                for effect in effects {
+                    self.on_effect(effect);
+                }
+            }
+            Err(e) => {
+                if is_request {
+                    self.record_and_answer(cmd.client, cmd.seq, Err(e.to_string()));
+                } else {
+                    tracing::warn!("guest failed on a call reply: {e}");
+                }
+            }
+        }
+    }
+
+    fn on_effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Reply(to, id, result) => self.record_and_answer(client_of(to), id, result),
+            Effect::Send(to, id, payload) => self.queue_outbound(to, id, payload.into_vec(), false),
+            Effect::Call(to, id, payload) => self.queue_outbound(to, id, payload.into_vec(), true),
+        }
+    }
+
+    fn queue_outbound(&mut self, to: VpId, id: u64, payload: Vec<u8>, call: bool) {
+        self.state.outbox.insert(id, Outbound { to, payload, call });
+        if self.replica.is_leader() {
+            let now = self.now();
+            self.send_outbound(now, id);
+        }
+    }
+
+    fn record(&mut self, client: ClientId, seq: u64, result: &WireResult) {
+        let mut bytes = Vec::new();
+        abi::codec::encode_result(result, &mut bytes);
+        if let Err(e) = self.replica.record_reply(client, seq, Bytes::from(bytes)) {
+            tracing::debug!("reply not cached: {e}");
+        }
+    }
+
+    fn record_and_answer(&mut self, client: ClientId, seq: u64, result: WireResult) {
+        self.record(client, seq, &result);
+        if let Some(to) = self.pending.remove(&(client, seq)) {
+            self.reply(&to, client, seq, result);
+        }
+    }
+
+    fn status(&mut self) -> VpStatus {
+        let s = self.replica.status();
+        let (state_bytes, digest, handled) = match self.guest.as_mut() {
+            Some(g) => (g.memory_bytes(), Some(g.digest().to_string()), g.handled()),
+            None => (0, None, 0),
+        };
+        VpStatus {
+            vp: self.vp().to_string(),
+            name: self.cfg.name.clone(),
+            module: self.cfg.module.to_string(),
+            role: format!("{:?}", s.role).to_lowercase(),
+            epoch: s.epoch.0,
+            leader: s.leader.map(host_text),
+            voters: s.voters.iter().copied().map(host_text).collect(),
+            learners: s.learners.iter().copied().map(host_text).collect(),
+            decided_below: s.decided_below.0,
+            applied_below: s.applied_below.0,
+            snapshot_slot: s.snapshot_slot.0,
+            state_bytes,
+            state_digest: digest,
+            outbox: self.state.outbox.len(),
+            guest_handled: handled,
+            replacing: self.replacing.as_ref().map(|r| host_text(r.dead)),
+        }
+    }
+}
+
+/// A host id as the rest of vp shows it: 16 hex digits.
+pub fn host_text(h: HostId) -> String {
+    format!("{:016x}", h.0)
+}
+
+fn encode_input(input: &LogInput) -> Bytes {
+    Bytes::from(abi::encode(input).unwrap_or_default())
+}

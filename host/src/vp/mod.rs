@@ -1,0 +1,221 @@
+//! Virtual peers: what a member host keeps and runs for each virtual peer it
+//! belongs to, and what hosts say to each other about virtual peers.
+//!
+//! - [`member`]: the member thread (consensus replica + guest + durable log);
+//! - [`wire`]: the messages between hosts;
+//! - [`modules`]: the content-addressed module store;
+//! - [`directory`]: host id to contact, shared by the node and member threads.
+//!
+//! docs/architecture.md follows one message and one member replacement
+//! through these pieces.
+
+pub mod directory;
+pub mod member;
+pub mod modules;
+pub mod wire;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use vp_consensus::ClientId;
+use vp_guest_sdk::abi::{Address, VpId, WireResult};
+
+use crate::sandbox::{GuestLimits, ModuleHash};
+
+/// Client ids with this bit set stand for another virtual peer calling this one.
+const VP_CLIENT_TAG: u128 = 1 << 127;
+/// Client ids with these bits stand for the replies to this virtual peer's own
+/// outbound messages, fed back into its log.
+const REPLY_CLIENT_TAG: u128 = 3 << 126;
+
+/// The consensus client id under which virtual peer `vp` calls others.
+pub fn vp_client(vp: VpId) -> ClientId {
+    ClientId(VP_CLIENT_TAG | u128::from(vp.0))
+}
+
+/// The consensus client id under which `vp` logs replies to its outbound messages.
+pub fn reply_client(vp: VpId) -> ClientId {
+    ClientId(REPLY_CLIENT_TAG | u128::from(vp.0))
+}
+
+/// A fresh random client session id (never one of the tagged forms).
+pub fn new_session_id() -> ClientId {
+    ClientId(rand::random::<u128>() >> 2)
+}
+
+/// Who a client id is, as the guest sees it.
+pub fn address_of(client: ClientId) -> Address {
+    if client.0 & (3 << 126) == VP_CLIENT_TAG {
+        Address::Vp(VpId(client.0 as u64))
+    } else {
+        Address::Client(client.0)
+    }
+}
+
+/// The client id of an address, for the session table.
+pub fn client_of(address: Address) -> ClientId {
+    match address {
+        Address::Client(c) => ClientId(c),
+        Address::Vp(vp) => vp_client(vp),
+    }
+}
+
+/// Everything fixed about a virtual peer at spawn; every member holds a copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpConfig {
+    pub vp: VpId,
+    pub name: Option<String>,
+    pub module: ModuleHash,
+    pub module_bytes: u64,
+    /// The guest's limits: the same on every member, so traps happen alike.
+    pub limits: GuestLimits,
+    /// Members the virtual peer keeps (voters).
+    pub members: usize,
+    pub timing: vp_consensus::Timing,
+    /// The leader replaces a member it has not heard from for this long.
+    pub replace_after_ms: u64,
+    /// A member checkpoints (guest snapshot + state) after this many slots.
+    pub checkpoint_every_slots: u64,
+}
+
+impl VpConfig {
+    /// The consensus limits every member uses: frames stay under the network's
+    /// frame limit (docs/host.md).
+    pub fn consensus_limits() -> vp_consensus::Limits {
+        vp_consensus::Limits {
+            batch_bytes_max: 1 << 20,
+            command_bytes_max: 1 << 20,
+            catchup_bytes_max: 1 << 20,
+            snapshot_chunk_bytes_max: 1 << 20,
+            snapshot_chunks_in_flight_max: 8,
+            reply_bytes_max: 1 << 20,
+            ..vp_consensus::Limits::default()
+        }
+    }
+
+    /// Timers for hosts on a LAN or loopback: heartbeat every 25 ms, a new
+    /// leader after 150 to 250 ms of silence.
+    pub fn default_timing() -> vp_consensus::Timing {
+        vp_consensus::Timing {
+            heartbeat_interval_us: 25_000,
+            election_timeout_us: 150_000,
+            election_jitter_us: 100_000,
+            leader_lease_us: 60_000,
+            retry_us: 100_000,
+            promote_lag_slots: 64,
+            log_retain_slots: 256,
+        }
+    }
+}
+
+/// What the log carries for a virtual peer (the payload of a consensus command).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LogInput {
+    /// A request for the guest; the sender is the command's client.
+    #[serde(rename = "req")]
+    Request(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The answer to this virtual peer's outbound message `id`.
+    #[serde(rename = "rep")]
+    OutboundReply(u64, WireResult),
+}
+
+/// A message this virtual peer's guest sent and no answer has been logged for
+/// yet. Part of the replicated state: a new leader sends them again, and the
+/// receiver's session table makes the retries harmless.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbound {
+    pub to: VpId,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// A call (the reply resumes the guest) or a one-way send.
+    pub call: bool,
+}
+
+/// The replicated state the host keeps next to the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    pub outbox: BTreeMap<u64, Outbound>,
+}
+
+/// Layout of the application state handed to consensus checkpoints:
+/// `u32 length (LE) || CBOR(HostState) || guest snapshot` (docs/abi.md format).
+pub fn encode_image(
+    state: &HostState,
+    encode_guest: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, String> {
+    let host = vp_guest_sdk::abi::encode(state)?;
+    let mut out = Vec::with_capacity(4 + host.len());
+    out.extend_from_slice(&(host.len() as u32).to_le_bytes());
+    out.extend_from_slice(&host);
+    encode_guest(&mut out);
+    Ok(out)
+}
+
+/// Split an image into the host state and the byte range of the guest snapshot.
+pub fn decode_image(image: &[u8]) -> Result<(HostState, std::ops::Range<usize>), String> {
+    let len = image.get(..4).ok_or("image shorter than its header")?;
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    let host = image
+        .get(4..4 + len)
+        .ok_or("image shorter than its host state")?;
+    let state = vp_guest_sdk::abi::decode(host)?;
+    Ok((state, 4 + len..image.len()))
+}
+
+/// A virtual peer as `vp-host status <vp>` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VpStatus {
+    pub vp: String,
+    pub name: Option<String>,
+    pub module: String,
+    pub role: String,
+    pub epoch: u64,
+    pub leader: Option<String>,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    pub decided_below: u64,
+    pub applied_below: u64,
+    pub snapshot_slot: u64,
+    pub state_bytes: usize,
+    pub state_digest: Option<String>,
+    pub outbox: usize,
+    pub guest_handled: u64,
+    pub replacing: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_tell_vps_from_clients() {
+        let vp = VpId(0xdead_beef);
+        assert_eq!(address_of(vp_client(vp)), Address::Vp(vp));
+        assert_eq!(client_of(Address::Vp(vp)), vp_client(vp));
+        for _ in 0..100 {
+            let c = new_session_id();
+            assert!(matches!(address_of(c), Address::Client(_)));
+            assert_ne!(c, reply_client(vp));
+        }
+        assert!(matches!(address_of(reply_client(vp)), Address::Client(_)));
+    }
+
+    #[test]
+    fn images_round_trip_and_reject_garbage() {
+        let mut state = HostState::default();
+        state.outbox.insert(
+            3,
+            Outbound {
+                to: VpId(1),
+                payload: vec![1, 2],
+                call: true,
+            },
+        );
+        let image = encode_image(&state, |out| out.extend_from_slice(b"guest")).unwrap();
+        let (back, range) = decode_image(&image).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(&image[range], b"guest");
+        assert!(decode_image(&image[..3]).is_err());
+        assert!(decode_image(&[200, 0, 0, 0, 1]).is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! What hosts say to each other about virtual peers (inside `Wire::Vp`).
+//! Consensus messages travel separately, as `Wire::Paxos`.
+
+use serde::{Deserialize, Serialize};
+use vp_consensus::{ClientId, HostId, Membership};
+use vp_guest_sdk::abi::{VpId, WireResult};
+
+use super::VpConfig;
+use crate::node::overlay::PeerContact;
+use crate::sandbox::ModuleHash;
+
+/// Bytes of module sent per chunk.
+pub const MODULE_CHUNK_BYTES: usize = 1 << 20;
+
+/// A request for a virtual peer: from a client host (`vp-host send`), or from
+/// another virtual peer's leader (an outbound send or call).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub vp: VpId,
+    pub client: ClientId,
+    pub seq: u64,
+    pub ack_below: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Answer through the read path (no log entry).
+    pub read: bool,
+    /// Where to send the reply.
+    pub reply_to: PeerContact,
+}
+
+/// The answer to a request, from the virtual peer's leader.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub vp: VpId,
+    pub client: ClientId,
+    pub seq: u64,
+    pub result: WireResult,
+    pub leader: HostId,
+}
+
+/// Become a member of a virtual peer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deploy {
+    pub op: u64,
+    pub config: VpConfig,
+    /// The founding membership (spawn), or none: join as a learner and wait
+    /// for the leader's snapshot (replacement).
+    pub founding: Option<Membership>,
+    /// Who has the module, for `FetchModule`.
+    pub module_from: PeerContact,
+    /// How to reach the other members.
+    pub members: Vec<(HostId, PeerContact)>,
+}
+
+/// Messages about virtual peers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum VpWire {
+    /// Who leads `vp`? Multicast over the virtual peer's key prefix.
+    Locate {
+        vp: VpId,
+        nonce: u64,
+        reply_to: PeerContact,
+    },
+    /// A member's answer to `Locate`.
+    Located {
+        vp: VpId,
+        nonce: u64,
+        member: HostId,
+        leader: Option<(HostId, PeerContact)>,
+    },
+    Request(Request),
+    Reply(Reply),
+    /// Not the leader: retry at `leader` (if known).
+    Redirect {
+        vp: VpId,
+        client: ClientId,
+        seq: u64,
+        leader: Option<(HostId, PeerContact)>,
+    },
+    Deploy(Deploy),
+    DeployAck {
+        op: u64,
+        vp: VpId,
+        result: Result<(), String>,
+    },
+    /// Forget a virtual peer this host was deployed to (a spawn that failed elsewhere).
+    Undeploy {
+        vp: VpId,
+    },
+    FetchModule {
+        hash: ModuleHash,
+        offset: u64,
+    },
+    ModuleChunk {
+        hash: ModuleHash,
+        offset: u64,
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    ModuleMissing {
+        hash: ModuleHash,
+    },
+    /// How loaded are you? (placement)
+    LoadQuery {
+        op: u64,
+    },
+    Load {
+        op: u64,
+        memberships: u32,
+    },
+}
