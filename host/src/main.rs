@@ -508,7 +508,10 @@ fn print_vp_status(s: &vp_host::vp::VpStatus) {
         .unwrap_or_default();
     println!("vp        {}{name}", s.vp);
     println!("module    {}", s.module);
-    println!("this host {} in epoch {}", s.role, s.epoch);
+    println!(
+        "reported  by member {} ({}), epoch {}",
+        s.host, s.role, s.epoch
+    );
     println!("leader    {}", s.leader.as_deref().unwrap_or("none known"));
     println!("members   {}", s.voters.join(", "));
     if !s.learners.is_empty() {
@@ -658,6 +661,12 @@ fn run_overlay(
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when stdout is a closed pipe
+    // (`vp-host status | head`) instead of panicking on the write.
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let data_dir = cli
         .data_dir

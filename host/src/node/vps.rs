@@ -168,6 +168,8 @@ pub enum NodeCall {
     },
     /// Forget a deployment (a spawn that failed elsewhere).
     Undeploy { to: PeerContact, vp: VpId },
+    /// Send the status query `op` about `vp` to its (now known) leader.
+    QueryStatus { vp: VpId, op: u64 },
 }
 
 fn consensus_host(h: vp_alm::HostId) -> HostId {
@@ -380,6 +382,27 @@ impl Node {
                     sample
                         .loads
                         .insert(consensus_host(host_id_of(&from)), memberships);
+                }
+            }
+            VpWire::StatusQuery { vp, op } => {
+                let (tx, rx) = oneshot::channel();
+                if let Some(tx) = self.local_vp_status(vp, tx) {
+                    let _ = tx.send(Err(format!(
+                        "this host is no longer a member of virtual peer {vp}"
+                    )));
+                }
+                let net = self.net.clone();
+                tokio::spawn(async move {
+                    let status = match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                        Ok(Ok(result)) => result.map(Box::new),
+                        _ => Err("the member did not answer".to_string()),
+                    };
+                    let _ = net.send(from, &Wire::Vp(VpWire::StatusReply { op, status }));
+                });
+            }
+            VpWire::StatusReply { op, status } => {
+                if let Some((reply, _)) = self.vps.status_queries.remove(&op) {
+                    let _ = reply.send(status.map(|s| *s));
                 }
             }
         }
@@ -1038,23 +1061,57 @@ impl Node {
                 self.locate(vp);
             }
             NodeCall::Undeploy { to, vp } => self.send_vp(&to, VpWire::Undeploy { vp }),
+            NodeCall::QueryStatus { vp, op } => {
+                if let Some((_, contact)) = self.vps.leaders.get(&vp).cloned() {
+                    self.send_vp(&contact, VpWire::StatusQuery { vp, op });
+                }
+            }
         }
     }
 
-    /// Status of a virtual peer: from the local member, or asked of its leader.
-    pub(super) fn vp_status(&mut self, vp: VpId, reply: oneshot::Sender<Result<VpStatus, String>>) {
+    /// Status of a virtual peer from the local member, if this host is one.
+    /// Gives `reply` back when it is not.
+    fn local_vp_status(
+        &mut self,
+        vp: VpId,
+        reply: oneshot::Sender<Result<VpStatus, String>>,
+    ) -> Option<oneshot::Sender<Result<VpStatus, String>>> {
         if let Some(m) = self.vps.members.get(&vp) {
             let (tx, rx) = oneshot::channel();
             if m.send(MemberEvent::Status(tx)) {
                 tokio::spawn(async move {
                     let _ = reply.send(rx.await.map_err(|_| "the member stopped".to_string()));
                 });
-                return;
+                return None;
             }
         }
-        let _ = reply.send(Err(format!(
-            "this host is not a member of virtual peer {vp}"
-        )));
+        Some(reply)
+    }
+
+    /// Status of a virtual peer: from the local member, or asked of its leader
+    /// (found through the overlay if need be).
+    pub(super) fn vp_status(&mut self, vp: VpId, reply: oneshot::Sender<Result<VpStatus, String>>) {
+        let Some(reply) = self.local_vp_status(vp, reply) else {
+            return;
+        };
+        let op = self.vps.op();
+        self.vps
+            .status_queries
+            .insert(op, (reply, Instant::now() + Duration::from_secs(10)));
+        match self.vps.leaders.get(&vp).cloned() {
+            Some((_, contact)) => self.send_vp(&contact, VpWire::StatusQuery { vp, op }),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.vps.leader_waiters.entry(vp).or_default().push(tx);
+                self.locate(vp);
+                let calls = self.calls.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), rx).await {
+                        let _ = calls.send(NodeCall::QueryStatus { vp, op }).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -1343,14 +1400,28 @@ pub async fn spawn_vp(
         config.members
     ))
     .await;
-    let (tx, rx) = oneshot::channel();
-    call(NodeCall::Sample {
-        want: config.members,
-        exclude: Vec::new(),
-        reply: tx,
-    })
-    .await?;
-    let chosen = rx.await.map_err(|_| "placement stopped".to_string())?;
+    // Hosts that joined a moment ago may not be found at once: sample a few times.
+    let mut chosen = Vec::new();
+    for attempt in 0..5 {
+        let (tx, rx) = oneshot::channel();
+        call(NodeCall::Sample {
+            want: config.members,
+            exclude: Vec::new(),
+            reply: tx,
+        })
+        .await?;
+        chosen = rx.await.map_err(|_| "placement stopped".to_string())?;
+        if chosen.len() >= config.members {
+            break;
+        }
+        say(format!(
+            "found {} of {} hosts; looking again",
+            chosen.len(),
+            config.members
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+    }
     if chosen.len() < config.members {
         return Err(format!(
             "found only {} live hosts through the overlay; {} members need {} hosts",

@@ -987,6 +987,7 @@ impl Member {
         };
         VpStatus {
             vp: self.vp().to_string(),
+            host: host_text(self.ctx.me),
             name: self.cfg.name.clone(),
             module: self.cfg.module.to_string(),
             role: format!("{:?}", s.role).to_lowercase(),

@@ -163,9 +163,11 @@ pub fn decode_image(image: &[u8]) -> Result<(HostState, std::ops::Range<usize>),
 }
 
 /// A virtual peer as `vp-host status <vp>` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VpStatus {
     pub vp: String,
+    /// The member host that reported this status.
+    pub host: String,
     pub name: Option<String>,
     pub module: String,
     pub role: String,

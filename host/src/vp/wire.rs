@@ -109,4 +109,13 @@ pub enum VpWire {
         op: u64,
         memberships: u32,
     },
+    /// The status of `vp`, asked of its leader by a host that is not a member.
+    StatusQuery {
+        vp: VpId,
+        op: u64,
+    },
+    StatusReply {
+        op: u64,
+        status: Result<Box<super::VpStatus>, String>,
+    },
 }
