@@ -79,6 +79,10 @@ pub enum MemberEvent {
     },
     Status(oneshot::Sender<VpStatus>),
     Digest(oneshot::Sender<Option<StateDigest>>),
+    /// The storage thread made everything up to this token durable.
+    Persisted(u64),
+    /// The storage thread failed (fail-stop).
+    StorageFailed(String),
     Stop,
 }
 
@@ -225,12 +229,13 @@ pub fn start_member(
     let membership = replica.membership().clone();
     let config = file.config.clone();
     let (tx, rx) = std::sync::mpsc::sync_channel(MEMBER_QUEUE_MAX);
+    let storage = start_storage(vp, store, tx.clone())?;
     let member = Member {
         cfg: file.config,
         ctx,
         module,
         replica,
-        store,
+        storage,
         guest: None,
         state: HostState::default(),
         clock,
@@ -245,6 +250,7 @@ pub fn start_member(
         outbox_sent: HashMap::new(),
         replacing: None,
         was_member: false,
+        grace_until: Time(0),
         stopped: false,
         last_tick: Time(0),
     };
@@ -259,6 +265,42 @@ pub fn start_member(
     })
 }
 
+/// Batches the storage thread may have queued before the member waits.
+const STORAGE_QUEUE_MAX: usize = 1024;
+
+/// The storage thread: group commit (every batch queued meanwhile, one
+/// fdatasync), then tell the member the last token is durable.
+fn start_storage(
+    vp: VpId,
+    mut store: FileStore,
+    member: SyncSender<MemberEvent>,
+) -> Result<SyncSender<Vec<vp_consensus::PersistBatch>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<vp_consensus::PersistBatch>>(STORAGE_QUEUE_MAX);
+    std::thread::Builder::new()
+        .name(format!("vp-{vp}-disk"))
+        .spawn(move || {
+            while let Ok(mut batches) = rx.recv() {
+                for more in rx.try_iter() {
+                    batches.extend(more);
+                }
+                match store.commit(&batches) {
+                    Ok(Some(token)) => {
+                        if member.send(MemberEvent::Persisted(token)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = member.send(MemberEvent::StorageFailed(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        })
+        .context("cannot start the storage thread")?;
+    Ok(tx)
+}
+
 struct Replacement {
     dead: HostId,
     new: Option<HostId>,
@@ -270,7 +312,8 @@ struct Member {
     ctx: MemberContext,
     module: Arc<LoadedModule>,
     replica: Replica,
-    store: FileStore,
+    /// Batches for the storage thread, which owns the `FileStore`.
+    storage: SyncSender<Vec<vp_consensus::PersistBatch>>,
     /// None until the first snapshot is applied (a fresh or recovered start
     /// gets one at once; a learner when the leader's snapshot arrives).
     guest: Option<Guest>,
@@ -292,6 +335,8 @@ struct Member {
     was_member: bool,
     stopped: bool,
     last_tick: Time,
+    /// A follower does not campaign before this (see `run`).
+    grace_until: Time,
 }
 
 impl Member {
@@ -333,14 +378,22 @@ impl Member {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = self.now();
-            if self.replica.poll_timeout().is_some_and(|t| t <= now) {
+            // After a long apply, a follower gives the leader (busy applying the
+            // same entries) one election timeout to speak before campaigning.
+            let in_grace = !self.replica.is_leader() && now < self.grace_until;
+            if !in_grace && self.replica.poll_timeout().is_some_and(|t| t <= now) {
                 self.replica.handle_timeout(now);
             }
             if now.since(self.last_tick) >= TICK.as_micros() as u64 {
                 self.last_tick = now;
                 self.duties(now);
             }
+            let started = self.now();
             self.drain();
+            let took = self.now().since(started);
+            if took > self.cfg.timing.heartbeat_interval_us {
+                self.grace_until = self.now().plus_us(self.cfg.timing.election_timeout_us);
+            }
         }
         tracing::info!("member stopped");
     }
@@ -390,6 +443,8 @@ impl Member {
             MemberEvent::Digest(reply) => {
                 let _ = reply.send(self.guest.as_mut().map(Guest::digest));
             }
+            MemberEvent::Persisted(token) => self.replica.on_persisted(token),
+            MemberEvent::StorageFailed(why) => self.fail(format!("storage failed: {why}")),
             MemberEvent::Stop => self.stopped = true,
         }
     }
@@ -645,20 +700,11 @@ impl Member {
             }
             if !batches.is_empty() {
                 progressed = true;
-                match self.store.commit(&batches) {
-                    Ok(Some(token)) => self.replica.on_persisted(token),
-                    Ok(None) => {}
-                    Err(e) => {
-                        // Fail-stop: the disk no longer matches what we would promise.
-                        let why = format!("storage failed: {e}");
-                        tracing::error!("{why}; stopping this member");
-                        let _ = self
-                            .ctx
-                            .node
-                            .try_send(MemberOutput::Failed { vp: self.vp(), why });
-                        self.stopped = true;
-                        return;
-                    }
+                // The storage thread writes and syncs them; the replica holds
+                // back what depends on them until `Persisted` comes back.
+                if self.storage.send(batches).is_err() {
+                    self.fail("the storage thread stopped".into());
+                    return;
                 }
             }
             while let Some((to, msg)) = self.replica.poll_send() {
@@ -676,6 +722,14 @@ impl Member {
                 return;
             }
         }
+    }
+
+    /// Fail-stop: the disk (or the guest) no longer matches what this member
+    /// would promise; stop, keep the data, let the node know.
+    fn fail(&mut self, why: String) {
+        tracing::error!("{why}; stopping this member");
+        let _ = self.ctx.node.try_send(MemberOutput::Failed { vp: self.vp(), why });
+        self.stopped = true;
     }
 
     fn send_paxos(&self, to: HostId, msg: vp_consensus::Message) {
