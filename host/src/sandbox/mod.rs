@@ -227,6 +227,18 @@ impl GuestData {
     }
 }
 
+/// The guest's memory, for a host import. Before instantiation finished (an
+/// import called from the module's start function) there is none yet: that is
+/// the guest's error, not the host's.
+fn guest_memory(caller: &mut Caller<'_, GuestData>) -> wasmtime::Result<Memory> {
+    match caller.data().memory {
+        Some(memory) => Ok(memory),
+        None => Err(caller.data_mut().violation(
+            "a vp import was called during instantiation (from a start function)".to_string(),
+        )),
+    }
+}
+
 fn guest_range(ptr: u32, len: u32, memory_len: usize) -> Option<std::ops::Range<usize>> {
     let start = ptr as usize;
     let end = start.checked_add(len as usize)?;
@@ -315,7 +327,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "input",
             |mut caller: Caller<'_, GuestData>, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 if len as usize != data.input.len() {
                     let what = format!(
@@ -337,7 +349,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "output",
             |mut caller: Caller<'_, GuestData>, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 if data.output_set {
                     return Err(data.violation("output called twice in one call".to_string()));
@@ -363,7 +375,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "log",
             |mut caller: Caller<'_, GuestData>, level: u32, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 let Some(range) = guest_range(ptr, len.min(LOG_LINE_BYTES_MAX as u32), mem.len()) else {
                     return Err(data.violation(format!("log buffer {ptr}+{len} is outside memory")));
