@@ -445,8 +445,14 @@ fn guest_module() {
 }
 
 #[test]
+fn local_input() {
+    replay("local_input", 2000);
+}
+
+#[test]
 fn every_target_is_replayed() {
     let replayed = [
+        "local_input",
         "wire",
         "consensus_message",
         "consensus_storage",

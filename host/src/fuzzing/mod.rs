@@ -45,7 +45,7 @@ pub struct Target {
 }
 
 /// Every target.
-pub const TARGETS: [Target; 6] = [
+pub const TARGETS: [Target; 7] = [
     Target {
         name: "wire",
         run: wire,
@@ -75,6 +75,11 @@ pub const TARGETS: [Target; 6] = [
         name: "guest_module",
         run: guest_module,
         max_len: MODULE_INPUT_BYTES_MAX,
+    },
+    Target {
+        name: "local_input",
+        run: local_input,
+        max_len: 16 * 1024,
     },
 ];
 
@@ -383,4 +388,80 @@ pub fn guest_module(data: &[u8]) {
             "a restored guest holds the snapshot"
         );
     }
+}
+
+/// What a host reads from its own files, its control API and `vp-host exec`'s
+/// standard input (outside the process, if not from the network).
+///
+/// Input: `[kind][bytes]`. `kind % 4`: 0, `exec`'s standard input (JSON lines,
+/// through `exec::run` into the tiny guest; bit 2 of `kind` asks for tagged
+/// replies); 1, the identity file (a libp2p protobuf keypair); 2, a network key
+/// file; 3, a control API request body (search, multicast and key requests,
+/// each applied to a skip-graph host as the node applies it).
+pub fn local_input(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    match kind % 4 {
+        0 => {
+            let (sandbox, module) = tiny_guest();
+            let options = crate::exec::ExecOptions {
+                limits: FUZZ_GUEST_LIMITS,
+                time_ms: 1_700_000_000_000,
+                seed: 1,
+                tagged: kind & 4 != 0,
+            };
+            if let Ok(mut guest) = Guest::start(sandbox, module.clone(), FUZZ_GUEST_LIMITS) {
+                let _ =
+                    crate::exec::run(&mut guest, rest, std::io::sink(), std::io::sink(), &options);
+            }
+        }
+        1 => {
+            if let Ok(keypair) = libp2p::identity::Keypair::from_protobuf_encoding(rest) {
+                let _ = keypair.public().to_peer_id();
+                let again = keypair
+                    .to_protobuf_encoding()
+                    .expect("a decoded identity encodes");
+                assert!(
+                    libp2p::identity::Keypair::from_protobuf_encoding(&again).is_ok(),
+                    "a re-encoded identity decodes"
+                );
+            }
+        }
+        2 => {
+            if let Ok(text) = std::str::from_utf8(rest)
+                && let Ok(psk) = text.parse::<libp2p::pnet::PreSharedKey>()
+            {
+                assert_eq!(
+                    psk.to_string().parse::<libp2p::pnet::PreSharedKey>().ok(),
+                    Some(psk),
+                    "a network key round-trips"
+                );
+            }
+        }
+        _ => api_body(rest),
+    }
+}
+
+fn api_body(body: &[u8]) {
+    use crate::node::api::{KeyRequest, MulticastRequest, SearchRequest};
+    use vp_alm::{Bytes, Key};
+    let mut peer = AlmPeer::new(0);
+    let now = peer.now;
+    if let Ok(req) = serde_json::from_slice::<SearchRequest>(body) {
+        let _ = peer.host.search(now, Key::new(req.key.into_bytes()));
+    }
+    if let Ok(req) = serde_json::from_slice::<MulticastRequest>(body)
+        && let Ok(range) = req.range()
+    {
+        let _ = peer
+            .host
+            .multicast(now, range, Bytes::copy_from(req.payload.as_bytes()));
+    }
+    if let Ok(req) = serde_json::from_slice::<KeyRequest>(body) {
+        let key = Key::new(req.key.into_bytes());
+        let _ = peer.host.insert_key(now, key.clone(), None);
+        let _ = peer.host.remove_key(now, &key);
+    }
+    peer.pump();
 }

@@ -38,6 +38,7 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "abi" => abi_seeds(),
         "guest_snapshot" => guest_snapshot_seeds(),
         "guest_module" => guest_module_seeds(),
+        "local_input" => local_input_seeds(),
         _ => Vec::new(),
     }
 }
@@ -733,6 +734,49 @@ fn guest_module_seeds() -> Vec<(String, Vec<u8>)> {
     .into_iter()
     .map(|(name, opts)| named(name, tiny_guest_wasm(opts)))
     .collect()
+}
+
+// ----- local input -------------------------------------------------------------------
+
+fn local_input_seeds() -> Vec<(String, Vec<u8>)> {
+    let with = |kind: u8, bytes: &[u8]| {
+        let mut v = vec![kind];
+        v.extend_from_slice(bytes);
+        v
+    };
+    let lines = concat!(
+        "{\"add\": 2}\n",
+        "\"get\"\n",
+        "\n",
+        "  \r\n",
+        "{\"$reply\": {\"call\": 1, \"ok\": {\"n\": [1, 2.5, null]}}}\n",
+        "{\"$reply\": {\"call\": 2, \"error\": \"no\"}}\r\n",
+        "not json\n",
+        "[1, \"x\", true]"
+    );
+    let identity = libp2p::identity::Keypair::ed25519_from_bytes([7; 32])
+        .expect("32 bytes")
+        .to_protobuf_encoding()
+        .expect("an ed25519 key encodes");
+    let psk = libp2p::pnet::PreSharedKey::new([0x5a; 32]).to_string();
+    vec![
+        named("exec-lines", with(0, lines.as_bytes())),
+        named("exec-lines-tagged", with(4, lines.as_bytes())),
+        named("identity", with(1, &identity)),
+        named("network-key", with(2, psk.as_bytes())),
+        named(
+            "api-key",
+            with(3, br#"{"key": "v/0000000000000001/00000000000000ff"}"#),
+        ),
+        named(
+            "api-multicast-prefix",
+            with(3, br#"{"prefix": "h/", "payload": "hello"}"#),
+        ),
+        named(
+            "api-multicast-range",
+            with(3, br#"{"lo": "a", "hi": "z", "payload": ""}"#),
+        ),
+    ]
 }
 
 #[cfg(test)]

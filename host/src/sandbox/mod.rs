@@ -51,6 +51,10 @@ pub const STACK_REGION_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const REPLAY_MESSAGES_BASE: usize = 1024;
 /// Bytes of envelopes kept for replay before a new checkpoint is taken.
 pub const REPLAY_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Fuel the loader's throwaway instance (start function plus `vp_abi_version`)
+/// may use: loading a module, before any virtual peer's limits apply, costs
+/// little whatever the module does.
+pub const LOAD_CHECK_FUEL: u64 = 10_000_000;
 
 /// Resource limits of one guest. They are part of a virtual peer's
 /// configuration, so every replica enforces the same ones and a guest that
@@ -476,12 +480,11 @@ impl Sandbox {
             bytes_len: bytes.len(),
         };
         // Ask the module its ABI version in a throwaway instance.
-        let mut live = Live::instantiate(
-            &self.engine,
-            &loaded,
-            &GuestLimits::default(),
-            "abi-check".into(),
-        )?;
+        let check_limits = GuestLimits {
+            fuel_per_message: LOAD_CHECK_FUEL,
+            ..GuestLimits::default()
+        };
+        let mut live = Live::instantiate(&self.engine, &loaded, &check_limits, "abi-check".into())?;
         let version = live.abi_version()?;
         if version != abi::ABI_VERSION {
             return Err(LoadError::AbiMismatch {
