@@ -118,23 +118,30 @@ pub fn run(
     options: &ExecOptions,
 ) -> Result<ExecSummary> {
     let mut summary = ExecSummary::default();
-    for (index, line) in input.lines().enumerate() {
-        let number = index as u64 + 1;
-        let line = line.with_context(|| format!("cannot read input line {number}"))?;
+    let mut input = input;
+    let mut buf = Vec::new();
+    let mut number = 0u64;
+    loop {
+        number += 1;
+        let Some(len) = read_line_bounded(&mut input, &mut buf, LINE_BYTES_MAX)
+            .with_context(|| format!("cannot read input line {number}"))?
+        else {
+            break;
+        };
+        if len > LINE_BYTES_MAX {
+            summary.messages += 1;
+            summary.errors += 1;
+            let err = format!("line {number}: {len} bytes; at most {LINE_BYTES_MAX}");
+            writeln!(out, "{}", reply_line(number, Err(err), options.tagged))?;
+            continue;
+        }
+        let line = std::str::from_utf8(&buf)
+            .map_err(|e| anyhow::anyhow!("input line {number} is not UTF-8: {e}"))?;
         if line.trim().is_empty() {
             continue;
         }
         summary.messages += 1;
-        if line.len() > LINE_BYTES_MAX {
-            summary.errors += 1;
-            let err = format!(
-                "line {number}: {} bytes; at most {LINE_BYTES_MAX}",
-                line.len()
-            );
-            writeln!(out, "{}", reply_line(number, Err(err), options.tagged))?;
-            continue;
-        }
-        let input = match parse_line(&line, number) {
+        let input = match parse_line(line, number) {
             Ok(input) => input,
             Err(e) => {
                 summary.errors += 1;
@@ -205,6 +212,49 @@ pub fn run(
     Ok(summary)
 }
 
+/// Read the next line of `input` into `buf` (without its `\n` or `\r\n`),
+/// keeping at most `max + 1` bytes: a longer line is read to its end but not
+/// kept, so a line without end cannot exhaust memory. Returns the line's full
+/// length, or `None` at the end of the input.
+pub(crate) fn read_line_bounded(
+    input: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    buf.clear();
+    let mut len = 0usize;
+    let mut any = false;
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let newline = chunk.iter().position(|&b| b == b'\n');
+        let part = &chunk[..newline.unwrap_or(chunk.len())];
+        let room = (max + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&part[..part.len().min(room)]);
+        len = len.saturating_add(part.len());
+        let used = newline.map_or(chunk.len(), |i| i + 1);
+        input.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\r') && len <= max {
+        buf.pop();
+        len -= 1;
+    }
+    Ok(Some(len))
+}
+
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -228,4 +278,71 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot sync {}", dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Sandbox;
+
+    /// Found while writing the fuzz targets: `exec` read each input line whole
+    /// (`BufRead::lines`) before checking `LINE_BYTES_MAX`, so one line without
+    /// an end held all of it in memory. Now a line keeps at most the limit.
+    #[test]
+    fn a_long_line_is_measured_without_being_held() {
+        let long = vec![b'a'; 3 * 1024 * 1024];
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&long);
+        stream.extend_from_slice(b"\nnext\r\nlast");
+        let mut input = std::io::Cursor::new(stream);
+        let mut buf = Vec::new();
+        let max = 1024;
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, max).unwrap(),
+            Some(long.len())
+        );
+        assert!(buf.len() <= max + 1, "kept {} bytes", buf.len());
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, max).unwrap(),
+            Some(4)
+        );
+        assert_eq!(buf, b"next");
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, max).unwrap(),
+            Some(4)
+        );
+        assert_eq!(buf, b"last");
+        assert_eq!(read_line_bounded(&mut input, &mut buf, max).unwrap(), None);
+    }
+
+    #[test]
+    fn an_oversized_line_gets_an_error_and_the_next_line_runs() {
+        let sandbox = Sandbox::new().unwrap();
+        let module = sandbox.load(vp_apps::COUNTER).unwrap();
+        let options = ExecOptions {
+            limits: GuestLimits::default(),
+            time_ms: 0,
+            seed: 0,
+            tagged: true,
+        };
+        let mut guest = Guest::start(&sandbox, module, options.limits).unwrap();
+        let mut stream = vec![b'x'; LINE_BYTES_MAX + 10];
+        stream.extend_from_slice(b"\n{\"add\": 2}\n");
+        let mut out = Vec::new();
+        let summary = run(
+            &mut guest,
+            std::io::Cursor::new(stream),
+            &mut out,
+            std::io::sink(),
+            &options,
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(lines[0].contains("at most"), "{}", lines[0]);
+        assert_eq!(lines[1], r#"{"id":2,"ok":2}"#);
+        assert_eq!(summary.messages, 2);
+        assert_eq!(summary.errors, 1);
+    }
 }

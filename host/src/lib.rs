@@ -11,6 +11,8 @@
 pub mod api;
 pub mod bench;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 pub mod node;
 pub mod sandbox;

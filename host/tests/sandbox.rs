@@ -432,6 +432,58 @@ fn module_that_traps_at_start_is_refused() {
     );
 }
 
+/// Loading runs the module's start function and `vp_abi_version` in a throwaway
+/// instance under `LOAD_CHECK_FUEL`, not a virtual peer's 500 million: a hostile
+/// module costs the loader little (this keeps the `guest_module` fuzz target's
+/// per-input cost bounded too).
+#[test]
+fn a_module_that_loops_while_loading_is_refused_cheaply() {
+    for (start, abi) in [
+        ("(start $spin)", "i32.const 1"),
+        ("", "call $spin i32.const 1"),
+    ] {
+        let wat = format!(
+            r#"(module (func $spin (loop $l br $l)) {start}
+            (func (export "vp_abi_version") (result i32) {abi}) {GOOD_EXPORTS})"#
+        );
+        let err = load_wat(&wat).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Start(GuestError::OutOfFuel { limit }) if *limit == vp_host::sandbox::LOAD_CHECK_FUEL
+            ) || matches!(&err, LoadError::Start(GuestError::Trap(why)) if why.contains("fuel")),
+            "{start}: {err}"
+        );
+    }
+}
+
+/// Found by the `guest_module` fuzz target: a start function that called a
+/// `vp` import panicked the host (the import expected the guest's memory,
+/// which is only known once instantiation is over).
+#[test]
+fn start_function_calling_an_import_is_refused_not_a_panic() {
+    for (import, params, call) in [
+        (
+            "log",
+            "(param i32 i32 i32)",
+            "i32.const 3 i32.const 0 i32.const 4",
+        ),
+        ("input", "(param i32 i32)", "i32.const 0 i32.const 0"),
+        ("output", "(param i32 i32)", "i32.const 0 i32.const 1"),
+    ] {
+        let wat = format!(
+            r#"(module (import "vp" "{import}" (func $f {params}))
+            (func $start {call} call $f) (start $start)
+            (func (export "vp_abi_version") (result i32) i32.const 1) {GOOD_EXPORTS})"#
+        );
+        let err = load_wat(&wat).unwrap_err();
+        assert!(
+            matches!(&err, LoadError::Start(GuestError::Abi(why)) if why.contains("start function")),
+            "{import}: {err}"
+        );
+    }
+}
+
 #[test]
 fn snapshot_of_another_module_is_refused() {
     let (sandbox, mut guest) = start(vp_apps::COUNTER);

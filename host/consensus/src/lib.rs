@@ -24,8 +24,8 @@ pub use config::{Limits, ReplicaConfig, Timing};
 pub use message::{DecidedEntry, Message, MessageError, ReportedEntry};
 pub use record::{PersistBatch, Record, Recovered, SnapshotFile, SnapshotImage};
 pub use replica::{
-    Apply, CheckpointError, ProposeError, ReadError, ReadId, ReadMode, RecoverError, Replica, Role,
-    Status,
+    Apply, CheckpointError, ProposeError, RECOVERY_SLOTS_AHEAD_MIN, ReadError, ReadId, ReadMode,
+    RecoverError, Replica, Role, Status,
 };
 pub use session::{Outcome, Reply, ReplyError, SessionTable};
 pub use storage::{FaultStore, FileStore, MemStore, Storage, StorageError};

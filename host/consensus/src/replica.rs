@@ -189,7 +189,16 @@ pub enum CheckpointError {
 pub enum RecoverError {
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("snapshot image is out of range: {0}")]
+    BadImage(&'static str),
 }
+
+/// Recovery replays an accepted or learned value only within this many slots of
+/// the decided watermark rebuilt so far (or the live bound, if larger): see
+/// [`Replica::recover`]. Generous, so a log written under larger limits still
+/// replays; small enough that a corrupt record cannot make the log allocate
+/// much (the log holds a place for every slot up to its highest entry).
+pub const RECOVERY_SLOTS_AHEAD_MIN: u64 = 1 << 16;
 
 /// The replica's role, for status reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,6 +456,7 @@ impl Replica {
         let mut r = Replica::new(cfg, initial, now);
         if let Some(bytes) = state.snapshot {
             let img = SnapshotImage::decode(&bytes)?;
+            r.check_image(&img).map_err(RecoverError::BadImage)?;
             let file = SnapshotFile {
                 slot: img.slot,
                 digest: xxhash_rust::xxh3::xxh3_64(&bytes),
@@ -454,7 +464,21 @@ impl Replica {
             };
             r.install_image(img, file, false);
         }
+        // Every Accept or Learn a replica writes lies within `slots_ahead_max` of its
+        // decided watermark at that moment (on_accept, on_catchup, flush_proposals),
+        // and replay rebuilds that watermark record by record. A record beyond it is
+        // corrupt, or belongs to the batch being written when the replica crashed
+        // after installing a snapshot and before storing it, in which case nothing
+        // in that batch was acknowledged. Either way the log ends there, as it does
+        // at a torn frame.
+        let ahead = r.slots_ahead_max().max(RECOVERY_SLOTS_AHEAD_MIN);
         for rec in state.records {
+            if rec
+                .slot()
+                .is_some_and(|s| s.0 >= r.decided_below.saturating_add(ahead))
+            {
+                break;
+            }
             match rec {
                 Record::Promise { ballot } => r.promised = r.promised.max(ballot),
                 Record::Accept {
@@ -607,6 +631,30 @@ impl Replica {
 
     fn ahead_max(&self) -> u64 {
         self.limits().window_slots_max * 4 + 64
+    }
+
+    /// How far beyond the decided watermark this replica ever holds a value.
+    fn slots_ahead_max(&self) -> u64 {
+        self.ahead_max() + self.limits().catchup_entries_max as u64
+    }
+
+    /// The checks an image must pass before it becomes our state.
+    fn check_image(&self, img: &SnapshotImage) -> Result<(), &'static str> {
+        if img.slot.0 >= u64::MAX / 2 {
+            return Err("slot too large");
+        }
+        if img.epoch_start.0 > img.slot.0 + 1 {
+            return Err("epoch starts after the image");
+        }
+        if img.membership.voters.is_empty() {
+            return Err("membership without voters");
+        }
+        if img.membership.voters.len() > self.cfg.limits.voters_max
+            || img.membership.learners.len() > self.cfg.limits.learners_max
+        {
+            return Err("membership larger than the limits");
+        }
+        Ok(())
     }
 
     fn persist(&mut self, r: Record, sync: bool) {
@@ -1340,6 +1388,7 @@ impl Replica {
         let Some(idx) = self.membership.voter_index(from) else {
             return;
         };
+        let span_max = self.cfg.limits.promise_entries_max as u64 * 16 + self.slots_ahead_max();
         let Some(c) = &mut self.candidate else { return };
         if c.ballot != ballot {
             return;
@@ -1359,7 +1408,16 @@ impl Replica {
             c.max_log_start = log_start;
             c.max_log_start_host = Some(from);
         }
-        if c.reports.len() > self.cfg.limits.promise_entries_max * 16 {
+        // Phase 2 starts with a value for every slot from our start to the highest
+        // reported one; a report far beyond both our watermark and every reporter's
+        // log start would make that range huge.
+        let start = self.decided_below.max(c.max_log_start.0);
+        let far = c
+            .reports
+            .keys()
+            .next_back()
+            .is_some_and(|&s| s >= start.saturating_add(span_max));
+        if far || c.reports.len() > self.cfg.limits.promise_entries_max * 16 {
             // We are far behind (or the reporter is hostile): stop collecting, learn
             // the decided slots first, and run again later. Giving up is always safe.
             self.candidate = None;
@@ -2249,11 +2307,7 @@ impl Replica {
             }
             if let Ok(img) = SnapshotImage::decode(&bytes)
                 && img.slot == si.slot
-                && img.slot.0 < u64::MAX / 2
-                && img.epoch_start.0 <= img.slot.0 + 1
-                && !img.membership.voters.is_empty()
-                && img.membership.voters.len() <= self.cfg.limits.voters_max
-                && img.membership.learners.len() <= self.cfg.limits.learners_max
+                && self.check_image(&img).is_ok()
             {
                 let file = SnapshotFile {
                     slot: img.slot,

@@ -230,7 +230,8 @@ fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(io_err(dir))
 }
 
-fn frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), StorageError> {
+/// Appends one log frame holding `rec` to `out` (the log file's format; see [`FileStore`]).
+pub fn frame_record(rec: &Record, out: &mut Vec<u8>) -> Result<(), StorageError> {
     let payload = postcard::to_allocvec(rec).expect("encoding a record into memory cannot fail");
     if payload.len() > RECORD_BYTES_MAX {
         return Err(StorageError::RecordTooLarge(payload.len()));
@@ -241,8 +242,9 @@ fn frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Parses frames; returns the records and the length of the intact prefix.
-fn parse_log(data: &[u8]) -> (Vec<Record>, usize) {
+/// Parses a log file's frames (see [`FileStore`]); returns the records and the length
+/// of the intact prefix. Stops at the first short, corrupt or undecodable frame.
+pub fn parse_log(data: &[u8]) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
     let mut pos = 0usize;
     while data.len() - pos >= 8 {
@@ -266,6 +268,31 @@ fn parse_log(data: &[u8]) -> (Vec<Record>, usize) {
         pos = end;
     }
     (records, pos)
+}
+
+/// The snapshot file's contents for `image` (see [`FileStore`]).
+pub fn encode_snapshot_file(image: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(image.len() + 20);
+    data.extend_from_slice(SNAPSHOT_MAGIC);
+    data.extend_from_slice(&(image.len() as u64).to_le_bytes());
+    data.extend_from_slice(&crc32c::crc32c(image).to_le_bytes());
+    data.extend_from_slice(image);
+    data
+}
+
+/// The image held by a snapshot file's contents, or `None` if the file is corrupt
+/// (bad magic, length or checksum).
+pub fn parse_snapshot_file(data: &[u8]) -> Option<&[u8]> {
+    if data.len() < 20 || &data[..8] != SNAPSHOT_MAGIC {
+        return None;
+    }
+    let len = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    let crc = u32::from_le_bytes(data[16..20].try_into().ok()?);
+    let image = &data[20..];
+    if image.len() as u64 != len || crc32c::crc32c(image) != crc {
+        return None;
+    }
+    Some(image)
 }
 
 impl FileStore {
@@ -318,7 +345,7 @@ impl Storage for FileStore {
     fn append(&mut self, records: &[Record]) -> Result<(), StorageError> {
         self.buf.clear();
         for r in records {
-            frame(r, &mut self.buf)?;
+            frame_record(r, &mut self.buf)?;
         }
         let path = self.log_path();
         self.log.write_all(&self.buf).map_err(io_err(&path))
@@ -330,12 +357,7 @@ impl Storage for FileStore {
     }
 
     fn save_snapshot(&mut self, snap: &SnapshotFile) -> Result<(), StorageError> {
-        let mut data = Vec::with_capacity(snap.image.len() + 20);
-        data.extend_from_slice(SNAPSHOT_MAGIC);
-        data.extend_from_slice(&(snap.image.len() as u64).to_le_bytes());
-        data.extend_from_slice(&crc32c::crc32c(&snap.image).to_le_bytes());
-        data.extend_from_slice(&snap.image);
-        self.write_atomically("snapshot", &data)
+        self.write_atomically("snapshot", &encode_snapshot_file(&snap.image))
     }
 
     fn compact(&mut self, below: Slot) -> Result<(), StorageError> {
@@ -343,7 +365,7 @@ impl Storage for FileStore {
         let kept = compact_records(records, below);
         let mut data = Vec::new();
         for r in &kept {
-            frame(r, &mut data)?;
+            frame_record(r, &mut data)?;
         }
         self.write_atomically("log", &data)?;
         let path = self.log_path();
@@ -365,20 +387,10 @@ impl Storage for FileStore {
         }
         let snap_path = self.dir.join("snapshot");
         let snapshot = match fs::read(&snap_path) {
-            Ok(data) => {
-                if data.len() < 20 || &data[..8] != SNAPSHOT_MAGIC {
-                    return Err(StorageError::CorruptSnapshot(snap_path));
-                }
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&data[8..16]);
-                let len = u64::from_le_bytes(n) as usize;
-                let crc = u32::from_le_bytes([data[16], data[17], data[18], data[19]]);
-                let image = &data[20..];
-                if image.len() != len || crc32c::crc32c(image) != crc {
-                    return Err(StorageError::CorruptSnapshot(snap_path));
-                }
-                Some(Bytes::from(image))
-            }
+            Ok(data) => match parse_snapshot_file(&data) {
+                Some(image) => Some(Bytes::from(image)),
+                None => return Err(StorageError::CorruptSnapshot(snap_path)),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 return Err(StorageError::Io {

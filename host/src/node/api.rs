@@ -7,6 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use vp_alm::{Key, KeyRange};
 
 use crate::api::ApiError;
 use crate::net::{ConnectedPeer, NetCounters};
@@ -141,6 +142,20 @@ pub struct MulticastRequest {
     #[serde(default)]
     pub hi: Option<String>,
     pub payload: String,
+}
+
+impl MulticastRequest {
+    /// The key range the request names.
+    pub fn range(&self) -> Result<KeyRange, String> {
+        match (&self.prefix, &self.lo, &self.hi) {
+            (Some(prefix), None, None) => Ok(KeyRange::prefix(prefix.as_bytes())),
+            (None, Some(lo), Some(hi)) => Ok(KeyRange::inclusive(
+                Key::new(lo.as_bytes()),
+                Key::new(hi.as_bytes()),
+            )),
+            _ => Err("give either \"prefix\", or both \"lo\" and \"hi\"".to_string()),
+        }
+    }
 }
 
 /// The multicast's id (deliveries on the receiving hosts name it).

@@ -18,7 +18,7 @@ use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use vp_alm::{AlmHost, Event as AlmEvent, HostId, HostRef, Key, KeyRange, OpId, Time};
+use vp_alm::{AlmHost, Event as AlmEvent, HostId, HostRef, Key, OpId, Time};
 
 use crate::net::{Net, NetConfig, NetEvent};
 use api::{
@@ -491,15 +491,10 @@ impl Node {
                 }
             }
             NodeRequest::Multicast(req, reply) => {
-                let range = match (req.prefix, req.lo, req.hi) {
-                    (Some(prefix), None, None) => KeyRange::prefix(prefix.as_bytes()),
-                    (None, Some(lo), Some(hi)) => {
-                        KeyRange::inclusive(Key::new(lo.into_bytes()), Key::new(hi.into_bytes()))
-                    }
-                    _ => {
-                        let _ = reply.send(Err(
-                            "give either \"prefix\", or both \"lo\" and \"hi\"".to_string(),
-                        ));
+                let range = match req.range() {
+                    Ok(range) => range,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                         return;
                     }
                 };

@@ -1326,7 +1326,7 @@ impl Node {
 }
 
 /// Refuse configurations a host should not run.
-fn check_config(config: &VpConfig) -> Result<(), String> {
+pub(crate) fn check_config(config: &VpConfig) -> Result<(), String> {
     if config.members == 0 || config.members > 7 {
         return Err(format!(
             "{} members; a virtual peer has 1 to 7",

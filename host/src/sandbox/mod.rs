@@ -51,6 +51,10 @@ pub const STACK_REGION_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const REPLAY_MESSAGES_BASE: usize = 1024;
 /// Bytes of envelopes kept for replay before a new checkpoint is taken.
 pub const REPLAY_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Fuel the loader's throwaway instance (start function plus `vp_abi_version`)
+/// may use: loading a module, before any virtual peer's limits apply, costs
+/// little whatever the module does.
+pub const LOAD_CHECK_FUEL: u64 = 10_000_000;
 
 /// Resource limits of one guest. They are part of a virtual peer's
 /// configuration, so every replica enforces the same ones and a guest that
@@ -227,6 +231,18 @@ impl GuestData {
     }
 }
 
+/// The guest's memory, for a host import. Before instantiation finished (an
+/// import called from the module's start function) there is none yet: that is
+/// the guest's error, not the host's.
+fn guest_memory(caller: &mut Caller<'_, GuestData>) -> wasmtime::Result<Memory> {
+    match caller.data().memory {
+        Some(memory) => Ok(memory),
+        None => Err(caller.data_mut().violation(
+            "a vp import was called during instantiation (from a start function)".to_string(),
+        )),
+    }
+}
+
 fn guest_range(ptr: u32, len: u32, memory_len: usize) -> Option<std::ops::Range<usize>> {
     let start = ptr as usize;
     let end = start.checked_add(len as usize)?;
@@ -315,7 +331,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "input",
             |mut caller: Caller<'_, GuestData>, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 if len as usize != data.input.len() {
                     let what = format!(
@@ -337,7 +353,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "output",
             |mut caller: Caller<'_, GuestData>, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 if data.output_set {
                     return Err(data.violation("output called twice in one call".to_string()));
@@ -363,7 +379,7 @@ impl Sandbox {
             abi::IMPORT_MODULE,
             "log",
             |mut caller: Caller<'_, GuestData>, level: u32, ptr: u32, len: u32| {
-                let memory = caller.data().memory.expect("memory set at instantiation");
+                let memory = guest_memory(&mut caller)?;
                 let (mem, data) = memory.data_and_store_mut(&mut caller);
                 let Some(range) = guest_range(ptr, len.min(LOG_LINE_BYTES_MAX as u32), mem.len()) else {
                     return Err(data.violation(format!("log buffer {ptr}+{len} is outside memory")));
@@ -464,12 +480,11 @@ impl Sandbox {
             bytes_len: bytes.len(),
         };
         // Ask the module its ABI version in a throwaway instance.
-        let mut live = Live::instantiate(
-            &self.engine,
-            &loaded,
-            &GuestLimits::default(),
-            "abi-check".into(),
-        )?;
+        let check_limits = GuestLimits {
+            fuel_per_message: LOAD_CHECK_FUEL,
+            ..GuestLimits::default()
+        };
+        let mut live = Live::instantiate(&self.engine, &loaded, &check_limits, "abi-check".into())?;
         let version = live.abi_version()?;
         if version != abi::ABI_VERSION {
             return Err(LoadError::AbiMismatch {
