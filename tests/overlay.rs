@@ -220,7 +220,7 @@ async fn check_operations(hosts: &[Host], group: &BTreeSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twelve_hosts_form_one_overlay_and_survive_two_kills() {
-    let mut hosts = start_cluster("overlay-12", HOSTS).await;
+    let hosts = start_cluster("overlay-12", HOSTS).await;
     // a virtual-peer-like group: extra keys on four hosts
     let mut group = BTreeSet::new();
     for (i, h) in hosts.iter().enumerate().filter(|(i, _)| i % 3 == 1) {

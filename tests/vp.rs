@@ -23,7 +23,9 @@ async fn converged(cluster: &Cluster, vp: &str, voters: &[String]) -> Vec<(u64, 
     loop {
         let mut seen = Vec::new();
         for v in voters {
-            let Some(i) = cluster.index_of(v).await else { continue };
+            let Some(i) = cluster.index_of(v).await else {
+                continue;
+            };
             if let Ok(s) = cluster.vp_status(i, vp).await
                 && s.host == *v
             {
@@ -40,7 +42,10 @@ async fn converged(cluster: &Cluster, vp: &str, voters: &[String]) -> Vec<(u64, 
 
 fn assert_identical(states: &[(u64, String)]) {
     assert!(states.len() >= 2, "too few voters answered: {states:?}");
-    assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas differ: {states:?}");
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "replicas differ: {states:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,36 +53,59 @@ async fn spawn_send_status_and_every_example_app() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-apps", 5).await;
 
-    let counter = c.spawn(0, vp_apps::COUNTER, "&name=ctr").await.expect("spawn counter");
+    let counter = c
+        .spawn(0, vp_apps::COUNTER, "&name=ctr")
+        .await
+        .expect("spawn counter");
     assert_eq!(c.ask(1, &counter, json!({"add": 5})).await, json!(5));
     assert_eq!(c.ask(2, &counter, json!({"add": -2})).await, json!(3));
-    assert_eq!(c.ask(0, "ctr", json!("get")).await, json!(3), "by name on the spawning host");
-    let read = vp_host::node::api::SendRequest { msg: json!("get"), read: true, timeout_ms: Some(30_000) };
-    let answer: vp_host::node::api::SendAnswer =
-        c.hosts[3].api.post(&format!("/v1/vps/{counter}/send"), &read).await.unwrap();
+    assert_eq!(
+        c.ask(0, "ctr", json!("get")).await,
+        json!(3),
+        "by name on the spawning host"
+    );
+    let read = vp_host::node::api::SendRequest {
+        msg: json!("get"),
+        read: true,
+        timeout_ms: Some(30_000),
+    };
+    let answer: vp_host::node::api::SendAnswer = c.hosts[3]
+        .api
+        .post(&format!("/v1/vps/{counter}/send"), &read)
+        .await
+        .unwrap();
     assert_eq!(answer.reply, Some(json!(3)), "linearizable read");
     let err = c.send(4, &counter, json!({"add": "x"})).await.unwrap();
     assert!(err.error.unwrap().contains("cannot decode message"));
     for i in 0..5 {
-        let s = c.vp_status(i, &counter).await.unwrap_or_else(|e| panic!("status from h{i}: {e:#}"));
+        let s = c
+            .vp_status(i, &counter)
+            .await
+            .unwrap_or_else(|e| panic!("status from h{i}: {e:#}"));
         assert_eq!(s.voters.len(), 3);
         assert!(s.leader.is_some());
         assert!(s.applied_below >= 3);
     }
 
     let kv = c.spawn(1, vp_apps::KV, "").await.expect("spawn kv");
-    assert_eq!(c.ask(2, &kv, json!({"put": {"key": "a", "value": [1, 2]}})).await, Value::Null);
+    assert_eq!(
+        c.ask(2, &kv, json!({"put": {"key": "a", "value": [1, 2]}}))
+            .await,
+        Value::Null
+    );
     assert_eq!(c.ask(3, &kv, json!({"get": "a"})).await, json!([1, 2]));
     assert_eq!(c.ask(4, &kv, json!({"delete": "a"})).await, json!([1, 2]));
 
     // chat: an async call from one virtual peer to another, and one-way sends
     let a = c.spawn(2, vp_apps::CHAT, "").await.expect("spawn chat a");
     let b = c.spawn(3, vp_apps::CHAT, "").await.expect("spawn chat b");
-    c.ask(0, &b, json!({"post": {"from": "bob", "text": "hello"}})).await;
+    c.ask(0, &b, json!({"post": {"from": "bob", "text": "hello"}}))
+        .await;
     let history = c.ask(1, &a, json!({"ask": {"room": b, "last": 5}})).await;
     assert_eq!(history[0]["text"], "hello");
     c.ask(2, &a, json!({"bridge": b})).await;
-    c.ask(3, &a, json!({"post": {"from": "ann", "text": "relayed"}})).await;
+    c.ask(3, &a, json!({"post": {"from": "ann", "text": "relayed"}}))
+        .await;
     let relayed = common::wait_for_async(Duration::from_secs(30), || async {
         let h = c.ask(4, &b, json!({"history": {"last": 5}})).await;
         (h.as_array().map(Vec::len) == Some(2)).then_some(h)
@@ -87,29 +115,55 @@ async fn spawn_send_status_and_every_example_app() {
     assert_eq!(relayed[1]["from"], format!("ann@{a}"));
     // exactly once: the forwarded post is not duplicated by retries
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(c.ask(0, &b, json!({"history": {"last": 10}})).await.as_array().unwrap().len(), 2);
+    assert_eq!(
+        c.ask(0, &b, json!({"history": {"last": 10}}))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-hostile", 4).await;
-    let err = c.spawn(0, b"not a wasm module at all", "").await.unwrap_err();
-    assert!(format!("{err:#}").contains("not a WebAssembly module"), "{err:#}");
+    let err = c
+        .spawn(0, b"not a wasm module at all", "")
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("not a WebAssembly module"),
+        "{err:#}"
+    );
     let wasi = wat::parse_str(
         r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))"#,
     )
     .unwrap();
     let err = c.spawn(0, &wasi, "").await.unwrap_err();
-    assert!(format!("{err:#}").contains("wasi_snapshot_preview1::fd_write"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("wasi_snapshot_preview1::fd_write"),
+        "{err:#}"
+    );
 
-    let vp = c.spawn(1, vp_apps::STRESS, "&fuel_per_message=20000000&memory_max=67108864").await.unwrap();
+    let vp = c
+        .spawn(
+            1,
+            vp_apps::STRESS,
+            "&fuel_per_message=20000000&memory_max=67108864",
+        )
+        .await
+        .unwrap();
     c.ask(2, &vp, json!({"add": 1})).await;
     let spin = c.send(2, &vp, json!("spin")).await.unwrap();
     assert!(spin.error.unwrap().contains("ran out of fuel"));
     let bomb = c.send(3, &vp, json!({"alloc": 1u64 << 30})).await.unwrap();
     assert!(bomb.error.unwrap().contains("memory limit"));
-    let panic = c.send(0, &vp, json!({"add_then_panic": 100})).await.unwrap();
+    let panic = c
+        .send(0, &vp, json!({"add_then_panic": 100}))
+        .await
+        .unwrap();
     assert!(panic.error.unwrap().contains("guest panicked"));
     // nothing the failures did remains; the virtual peer and every host go on
     assert_eq!(c.ask(1, &vp, json!({"add": 1})).await, json!(2));
@@ -147,7 +201,9 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
 
     let start = Instant::now();
     let history_path = c.dir.join("history.jsonl");
-    let history = Arc::new(std::sync::Mutex::new(std::fs::File::create(&history_path).unwrap()));
+    let history = Arc::new(std::sync::Mutex::new(
+        std::fs::File::create(&history_path).unwrap(),
+    ));
     let c = Arc::new(c);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -162,7 +218,14 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
                 // distinct values: a lost or doubled add shows in the final sum
                 let value = (process as i64) * 1_000_000 + n;
                 let log = |kind: &str, result: Option<i64>| {
-                    let e = Event { process, kind, f: "add", value, result, time_us: start.elapsed().as_micros() };
+                    let e = Event {
+                        process,
+                        kind,
+                        f: "add",
+                        value,
+                        result,
+                        time_us: start.elapsed().as_micros(),
+                    };
                     let mut f = history.lock().unwrap();
                     writeln!(f, "{}", serde_json::to_string(&e).unwrap()).unwrap();
                 };
@@ -182,7 +245,7 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     // SIGKILL the leader while the clients keep going
-    c.hosts[leader].sigkill();
+    c.hosts[leader].kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut acked = Vec::new();
@@ -198,15 +261,32 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
     let unacked: i64 = history_text
         .lines()
         .filter(|l| l.contains("\"type\":\"info\""))
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["value"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["value"]
+                .as_i64()
+                .unwrap()
+        })
         .sum();
-    assert!(acked.len() > 20, "the load ran: {} acknowledged adds", acked.len());
-    assert!(total >= sum && total <= sum + unacked, "total {total}, acknowledged sum {sum}, unacknowledged {unacked}");
+    assert!(
+        acked.len() > 20,
+        "the load ran: {} acknowledged adds",
+        acked.len()
+    );
+    assert!(
+        total >= sum && total <= sum + unacked,
+        "total {total}, acknowledged sum {sum}, unacknowledged {unacked}"
+    );
     let totals: BTreeSet<i64> = acked.iter().map(|(_, t)| *t).collect();
-    assert_eq!(totals.len(), acked.len(), "two adds reported the same total: one was applied twice or lost");
+    assert_eq!(
+        totals.len(),
+        acked.len(),
+        "two adds reported the same total: one was applied twice or lost"
+    );
 
     // the virtual peer recovered and replaced the dead leader
-    let s = c.wait_voters(vias[0], &vp, 3, &[leader_id.clone()]).await;
+    let s = c
+        .wait_voters(vias[0], &vp, 3, std::slice::from_ref(&leader_id))
+        .await;
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
 }
@@ -217,11 +297,20 @@ async fn a_killed_follower_is_replaced_with_identical_state() {
     let c = Cluster::start("vp-follower-kill", 5).await;
     let vp = c.spawn(0, vp_apps::KV, "").await.unwrap();
     for i in 0..20 {
-        c.ask(i % 5, &vp, json!({"put": {"key": format!("k{i}"), "value": i}})).await;
+        c.ask(
+            i % 5,
+            &vp,
+            json!({"put": {"key": format!("k{i}"), "value": i}}),
+        )
+        .await;
     }
     let s = c.wait_voters(0, &vp, 3, &[]).await;
-    let follower_id = s.voters.iter().find(|v| Some(*v) != s.leader.as_ref()).unwrap().clone();
-    let mut c = c;
+    let follower_id = s
+        .voters
+        .iter()
+        .find(|v| Some(*v) != s.leader.as_ref())
+        .unwrap()
+        .clone();
     let f = c.index_of(&follower_id).await.unwrap();
     c.hosts[f].kill();
     let via = (0..5).find(|&i| i != f).unwrap();
@@ -239,7 +328,10 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
     let mut sum = 0;
     for i in 1..=30 {
         sum += i;
-        assert_eq!(c.ask(i as usize % 5, &vp, json!({"add": i})).await, json!(sum));
+        assert_eq!(
+            c.ask(i as usize % 5, &vp, json!({"add": i})).await,
+            json!(sum)
+        );
     }
     let s = c.wait_voters(0, &vp, 3, &[]).await;
     let mut members = Vec::new();
@@ -253,7 +345,11 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
         c.restart(m).await;
     }
     let via = (0..5).find(|i| !members.contains(i)).unwrap();
-    assert_eq!(c.ask(via, &vp, json!("get")).await, json!(sum), "state survived every member's crash");
+    assert_eq!(
+        c.ask(via, &vp, json!("get")).await,
+        json!(sum),
+        "state survived every member's crash"
+    );
     assert_eq!(c.ask(via, &vp, json!({"add": 1})).await, json!(sum + 1));
     let s = c.wait_voters(via, &vp, 3, &[]).await;
     let states = converged(&c, &vp, &s.voters).await;
@@ -264,16 +360,33 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
 async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-64mib", 5).await;
-    let vp = c.spawn(0, vp_apps::STRESS, "&memory_max=268435456&fuel_per_message=2000000000").await.unwrap();
-    let checksum = c.ask(1, &vp, json!({"hold": {"bytes": 64u64 << 20, "seed": 9}})).await;
+    let vp = c
+        .spawn(
+            0,
+            vp_apps::STRESS,
+            "&memory_max=268435456&fuel_per_message=2000000000",
+        )
+        .await
+        .unwrap();
+    let checksum = c
+        .ask(1, &vp, json!({"hold": {"bytes": 64u64 << 20, "seed": 9}}))
+        .await;
     let s = c.wait_voters(0, &vp, 3, &[]).await;
-    let victim_id = s.voters.iter().find(|v| Some(*v) != s.leader.as_ref()).unwrap().clone();
-    let mut c = c;
+    let victim_id = s
+        .voters
+        .iter()
+        .find(|v| Some(*v) != s.leader.as_ref())
+        .unwrap()
+        .clone();
     let victim = c.index_of(&victim_id).await.unwrap();
     c.hosts[victim].kill();
     let via = (0..5).find(|&i| i != victim).unwrap();
     let s = c.wait_voters(via, &vp, 3, &[victim_id]).await;
-    assert!(s.state_bytes >= 64 << 20, "the state is there: {} bytes", s.state_bytes);
+    assert!(
+        s.state_bytes >= 64 << 20,
+        "the state is there: {} bytes",
+        s.state_bytes
+    );
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
     // the new member serves the same data
@@ -286,7 +399,8 @@ async fn a_call_survives_the_callee_leader_being_killed() {
     let c = Cluster::start("vp-call-kill", 6).await;
     let a = c.spawn(0, vp_apps::CHAT, "").await.unwrap();
     let b = c.spawn(1, vp_apps::CHAT, "").await.unwrap();
-    c.ask(2, &b, json!({"post": {"from": "bob", "text": "before"}})).await;
+    c.ask(2, &b, json!({"post": {"from": "bob", "text": "before"}}))
+        .await;
     let sb = c.wait_voters(2, &b, 3, &[]).await;
     let sa = c.wait_voters(2, &a, 3, &[]).await;
     let b_leader = sb.leader.clone().unwrap();
@@ -304,15 +418,54 @@ async fn a_call_survives_the_callee_leader_being_killed() {
     let c = Arc::new(c);
     let caller = {
         let (c, a, b) = (c.clone(), a.clone(), b.clone());
-        tokio::spawn(async move { c.send(via, &a, json!({"ask": {"room": b, "last": 5}})).await })
+        tokio::spawn(async move {
+            c.send(via, &a, json!({"ask": {"room": b, "last": 5}}))
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(5)).await;
-    c.hosts[victim].sigkill();
+    c.hosts[victim].kill();
     let answer = caller.await.unwrap().expect("the call completes");
-    let posts = answer.reply.unwrap_or_else(|| panic!("error reply: {:?}", answer.error));
+    let posts = answer
+        .reply
+        .unwrap_or_else(|| panic!("error reply: {:?}", answer.error));
     assert_eq!(posts[0]["text"], "before");
     // the callee has a new leader and replaced the dead one
     let sb = c.wait_voters(via, &b, 3, &[b_leader]).await;
     let states = converged(&c, &b, &sb.voters).await;
     assert_identical(&states);
+}
+
+/// The README's main command, end to end: its summary reports the replacement
+/// and a counter equal to the acknowledged adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_replaces_a_member_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = common::scratch_dir("vp-demo");
+    let out = common::vp_host()
+        .args(["demo", "--json", "--kill-leader", "--dir"])
+        .arg(dir.join("cluster"))
+        .output()
+        .expect("vp-host demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("noticed"),
+        "the demo narrates the leader noticing: {stdout}"
+    );
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().expect("a summary line")).expect("JSON summary");
+    assert_eq!(summary["final_count"], summary["acknowledged_adds"]);
+    assert!(summary["acknowledged_adds"].as_u64().unwrap() >= 20);
+    assert_eq!(summary["killed_was_leader"], true);
+    assert_ne!(summary["replacement"], summary["killed"]);
+    assert_eq!(summary["digests_equal"], true);
+    assert!(
+        !dir.join("cluster").exists(),
+        "the demo removes its directory unless --keep"
+    );
 }

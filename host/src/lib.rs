@@ -7,12 +7,16 @@
 //! - [`api`]: the daemon's local control API and its client
 //! - [`node`]: the daemon (`vp-host join`): the overlay, and the API routes
 //! - [`vp`]: virtual peers: member threads, their messages, the module store
+//! - [`local`]: a cluster of `vp-host join` child processes on loopback
+//! - [`demo`]: `vp-host demo`, a virtual peer losing and replacing a member
 
 pub mod api;
 pub mod bench;
+pub mod demo;
 pub mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod local;
 pub mod net;
 pub mod node;
 pub mod sandbox;

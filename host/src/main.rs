@@ -91,6 +91,10 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// The whole system on this machine: start 5 hosts on loopback, spawn the
+    /// counter app with 3 members, send messages, SIGKILL a member while a
+    /// client keeps sending, show the replacement, print a summary, stop.
+    Demo(DemoArgs),
     /// Run the deterministic consensus simulator: replicas of the real Paxos
     /// core under message loss, partitions, crashes and membership churn, with
     /// safety, exactly-once, linearizability and progress checkers.
@@ -109,6 +113,31 @@ struct JoinArgs {
     /// Private network: only hosts with the same key can connect (TCP only; see docs/host.md).
     #[arg(long, value_name = "FILE")]
     network_key: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Hosts to start (child processes of this one).
+    #[arg(long, default_value_t = 5)]
+    hosts: usize,
+    /// Members of the virtual peer.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Messages sent before the crash and again after the recovery.
+    #[arg(long, default_value_t = 10)]
+    messages: u64,
+    /// Kill the leader instead of a follower.
+    #[arg(long)]
+    kill_leader: bool,
+    /// Directory for the hosts' data and logs (default: a new temporary one).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Keep the hosts' data and logs afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Print the summary as one JSON line at the end.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -743,6 +772,21 @@ fn main() -> ExitCode {
                     print_json(&vp_consensus::bench::core(options))
                 }
             }
+        }
+        Command::Demo(args) => {
+            init_logging(cli.log_format, "warn");
+            let json = args.json;
+            let options = vp_host::demo::DemoOptions {
+                hosts: args.hosts,
+                members: args.members,
+                messages: args.messages,
+                kill_leader: args.kill_leader,
+                dir: args.dir,
+                keep: args.keep,
+            };
+            runtime()
+                .and_then(|rt| rt.block_on(vp_host::demo::run(options)))
+                .and_then(|summary| if json { print_json(&summary) } else { Ok(()) })
         }
         Command::Sim(args) => {
             init_logging(cli.log_format, "warn");

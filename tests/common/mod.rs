@@ -47,113 +47,21 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 }
 
 /// A `vp-host join` process on loopback, killed when dropped.
-pub struct Host {
-    pub name: String,
-    pub data_dir: PathBuf,
-    pub child: Option<std::process::Child>,
-    pub api: vp_host::api::ApiClient,
-    pub listen: String,
-}
+pub use vp_host::local::LocalHost as Host;
 
-impl Host {
-    /// Status over the control API.
-    pub async fn status(&self) -> anyhow::Result<vp_host::node::api::HostStatus> {
-        self.api.get("/v1/status").await
-    }
-
-    /// Kill with SIGKILL (no graceful leave).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGKILL without waiting (for a host shared behind an `Arc`).
-    pub fn sigkill(&self) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill").args(["-KILL", &child.id().to_string()]).status();
-        }
-    }
-
-    /// Stop with SIGTERM and wait.
-    pub fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            send_sigterm(child.id());
-            let _ = child.wait();
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// The host's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("host.log")).unwrap_or_default()
-    }
-}
-
-fn send_sigterm(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Start `vp-host join` with data in `dir`, bootstrapping through `bootstrap`.
+/// Start `vp-host join` with data in `dir/name`, bootstrapping through `bootstrap`.
 pub async fn start_host(dir: &Path, name: &str, bootstrap: Option<&str>, extra: &[&str]) -> Host {
-    let data_dir = dir.join(name);
-    std::fs::create_dir_all(&data_dir).expect("data dir");
-    // A restart: the old API address is stale until the daemon writes the new one.
-    let _ = std::fs::remove_file(data_dir.join(vp_host::api::API_ADDR_FILE));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("host.log")).expect("log file");
-    let mut cmd = vp_host();
-    cmd.arg("--data-dir")
-        .arg(&data_dir)
-        .args([
-            "--api",
-            "127.0.0.1:0",
-            "join",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
-        .args(extra)
-        .env("VP_LOG", "info,vp_host=debug,libp2p=warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    if let Some(addr) = bootstrap {
-        cmd.args(["--bootstrap", addr]);
-    }
-    let child = cmd.spawn().expect("vp-host join starts");
-    // The daemon records its API address once it listens.
-    let api = wait_for(std::time::Duration::from_secs(60), || {
-        vp_host::api::ApiClient::locate(None, &data_dir)
-            .ok()
-            .filter(|_| data_dir.join(vp_host::api::API_ADDR_FILE).exists())
-    })
+    let exe = Path::new(env!("CARGO_BIN_EXE_vp-host"));
+    Host::start(
+        exe,
+        dir,
+        name,
+        bootstrap,
+        extra,
+        vp_host::local::DEFAULT_LOG_FILTER,
+    )
     .await
-    .unwrap_or_else(|| panic!("{name} did not start its API"));
-    let mut host = Host {
-        name: name.to_string(),
-        data_dir,
-        child: Some(child),
-        api,
-        listen: String::new(),
-    };
-    let status = wait_for_async(std::time::Duration::from_secs(60), || async {
-        host.status().await.ok()
-    })
-    .await
-    .unwrap_or_else(|| panic!("{name} does not answer status"));
-    host.listen = format!("{}/p2p/{}", status.listen_addrs[0], status.peer_id);
-    host
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Poll `f` until it returns Some or `timeout` passes.
@@ -190,123 +98,90 @@ pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
-/// A set of hosts on loopback, all joined through the first.
+/// Hosts on loopback, all joined through the first: `vp_host::local::LocalCluster`
+/// with methods that panic with a clear message instead of returning errors.
 pub struct Cluster {
-    pub dir: PathBuf,
-    pub hosts: Vec<Host>,
+    inner: vp_host::local::LocalCluster,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = vp_host::local::LocalCluster;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
 }
 
 impl Cluster {
-    /// Start `n` hosts and wait until each has joined the overlay.
+    /// Start `n` hosts under a fresh scratch directory and wait until each has joined the overlay.
     pub async fn start(name: &str, n: usize) -> Cluster {
         let dir = scratch_dir(name);
-        let first = start_host(&dir, "h0", None, &[]).await;
-        let bootstrap = first.listen.clone();
-        let mut hosts = vec![first];
-        for i in 1..n {
-            hosts.push(start_host(&dir, &format!("h{i}"), Some(&bootstrap), &[]).await);
-        }
-        let cluster = Cluster { dir, hosts };
-        for h in &cluster.hosts {
-            let joined = wait_for_async(std::time::Duration::from_secs(60), || async {
-                h.status().await.ok().filter(|s| s.overlay.joined).map(|_| ())
-            })
-            .await;
-            assert!(joined.is_some(), "{} did not join the overlay", h.name);
-        }
-        cluster
-    }
-
-    /// A running host's listen address, for bootstrapping a restart.
-    pub fn live_bootstrap(&self, except: usize) -> String {
-        self.hosts.iter().enumerate().find(|(i, h)| *i != except && h.is_running()).map(|(_, h)| h.listen.clone()).expect("a live host")
+        let exe = Path::new(env!("CARGO_BIN_EXE_vp-host"));
+        let inner =
+            vp_host::local::LocalCluster::start(exe, &dir, n, vp_host::local::DEFAULT_LOG_FILTER)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        Cluster { inner }
     }
 
     /// Restart host `i` with its data directory, through a live host.
     pub async fn restart(&mut self, i: usize) {
-        let bootstrap = self.live_bootstrap(i);
-        let name = self.hosts[i].name.clone();
-        self.hosts[i] = start_host(&self.dir, &name, Some(&bootstrap), &[]).await;
+        self.inner
+            .restart(i)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
-    /// The index of the host with this host id.
+    /// The index of the running host with this host id.
     pub async fn index_of(&self, host_id: &str) -> Option<usize> {
-        for (i, h) in self.hosts.iter().enumerate().filter(|(_, h)| h.is_running()) {
-            // a host that does not answer (killed) is skipped
-            if h.status().await.is_ok_and(|s| s.host_id == host_id) {
-                return Some(i);
-            }
-        }
-        None
+        self.inner.index_of(host_id)
     }
 
-    /// Deploy `wasm` as a virtual peer through host `via`; returns its id.
+    /// Deploy `wasm` with 3 members through host `via`; `query` adds to the
+    /// query string (e.g. `&name=x`). Returns the virtual peer's id.
     pub async fn spawn(&self, via: usize, wasm: &[u8], query: &str) -> anyhow::Result<String> {
-        let mut outcome = None;
-        self.hosts[via]
-            .api
-            .post_lines(&format!("/v1/vps?members=3{query}"), wasm.to_vec(), |line| {
-                let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
-                if let Some(done) = v.get("done") {
-                    outcome = Some(Ok(done["vp"].as_str().expect("vp id").to_string()));
-                } else if let Some(failed) = v.get("failed") {
-                    outcome = Some(Err(anyhow::anyhow!("{}", failed["error"])));
-                }
-            })
-            .await?;
-        outcome.unwrap_or_else(|| Err(anyhow::anyhow!("spawn ended without an outcome")))
+        self.inner
+            .spawn(via, wasm, &format!("members=3{query}"), |_| {})
+            .await
     }
 
     /// Send `msg` to `vp` through host `via`.
-    pub async fn send(&self, via: usize, vp: &str, msg: serde_json::Value) -> anyhow::Result<vp_host::node::api::SendAnswer> {
-        let req = vp_host::node::api::SendRequest { msg, read: false, timeout_ms: Some(60_000) };
-        self.hosts[via].api.post(&format!("/v1/vps/{vp}/send"), &req).await
+    pub async fn send(
+        &self,
+        via: usize,
+        vp: &str,
+        msg: serde_json::Value,
+    ) -> anyhow::Result<vp_host::node::api::SendAnswer> {
+        self.inner.send(via, vp, msg, false).await
     }
 
     /// Send and expect a reply (not an error reply).
     pub async fn ask(&self, via: usize, vp: &str, msg: serde_json::Value) -> serde_json::Value {
-        let answer = self.send(via, vp, msg.clone()).await.unwrap_or_else(|e| panic!("sending {msg}: {e:#}"));
-        match (answer.reply, answer.error) {
-            (_, Some(e)) => panic!("{msg} got an error reply: {e}"),
-            (reply, None) => reply.unwrap_or(serde_json::Value::Null),
-        }
+        self.inner
+            .ask(via, vp, msg)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// The virtual peer's status as host `via` sees it (its own member, or the leader's).
-    pub async fn vp_status(&self, via: usize, vp: &str) -> anyhow::Result<vp_host::vp::VpStatus> {
-        self.hosts[via].api.get(&format!("/v1/vps/{vp}")).await
-    }
-
-    /// Wait until the virtual peer has `n` voters, none of them `excluded`,
-    /// a leader, and no learner; return its status.
-    pub async fn wait_voters(&self, via: usize, vp: &str, n: usize, excluded: &[String]) -> vp_host::vp::VpStatus {
-        let mut last = None;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(s) = self.vp_status(via, vp).await {
-                let ok = s.voters.len() == n
-                    && s.learners.is_empty()
-                    && s.leader.is_some()
-                    && !s.voters.iter().any(|v| excluded.contains(v));
-                if ok {
-                    return s;
-                }
-                last = Some(s);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        panic!("virtual peer {vp} did not reach {n} voters without {excluded:?}: {last:?}")
+    /// Wait (90 s at most) until the virtual peer has `n` voters, none of them
+    /// `excluded`, a leader, and no learner; return its status.
+    pub async fn wait_voters(
+        &self,
+        via: usize,
+        vp: &str,
+        n: usize,
+        excluded: &[String],
+    ) -> vp_host::vp::VpStatus {
+        self.inner
+            .wait_voters(via, vp, n, excluded, std::time::Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The state digest of each voter's copy, by host id.
     pub async fn digests(&self, vp: &str, voters: &[String]) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for v in voters {
-            let i = self.index_of(v).await.unwrap_or_else(|| panic!("voter {v} is not a live host"));
-            let d: vp_host::node::api::DigestAnswer =
-                self.hosts[i].api.get(&format!("/v1/vps/{vp}/digest")).await.expect("digest");
-            out.push((v.clone(), d.digest));
-        }
-        out
+        self.inner
+            .digests(vp, voters)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 }

@@ -92,7 +92,9 @@ pub struct Timing {
     /// Read lease. Acceptors refuse a new leader for `election_timeout_us` after hearing
     /// from the current one; the leader trusts its lease for `leader_lease_us` from the
     /// moment it SENT the heartbeat a quorum acknowledged. Safe while no clock runs more
-    /// than `election_timeout_us / leader_lease_us` times faster than another.
+    /// than `election_timeout_us / leader_lease_us` times faster than another. After
+    /// `Replica::suspect` (the caller saw the leader's connections close) acceptors wait
+    /// only `leader_lease_us × 3/2` instead: then the bound is 1.5 (see `suspect`).
     pub leader_lease_us: u64,
     /// Retry interval for catch-up requests, unanswered prepares and snapshot chunks.
     pub retry_us: u64,

@@ -345,6 +345,8 @@ pub struct Replica {
 
     leader_hint: Option<HostId>,
     last_leader_contact: Option<Time>,
+    /// The caller said the leader seems gone (`suspect`); cleared when it speaks.
+    leader_suspected: bool,
     /// No promise to a new candidate before this time (set on restart: a replica that
     /// forgot when it last heard from the leader must not help end that leader's lease).
     sticky_until: Time,
@@ -421,6 +423,7 @@ impl Replica {
             leader_hint: None,
             last_leader_contact: None,
             sticky_until: Time(0),
+            leader_suspected: false,
             jitter_us,
             election_deadline,
             max_round: 0,
@@ -805,6 +808,60 @@ impl Replica {
         }
         self.after_input();
         Ok(())
+    }
+
+    /// How long after hearing from the leader this acceptor refuses other candidates.
+    fn sticky_window_us(&self) -> u64 {
+        let t = &self.cfg.timing;
+        if self.leader_suspected {
+            t.leader_lease_us
+                .saturating_add(t.leader_lease_us / 2)
+                .min(t.election_timeout_us)
+        } else {
+            t.election_timeout_us
+        }
+    }
+
+    /// A hint from the caller that `host` seems gone: every connection to it
+    /// closed (a process that dies closes its sockets; a machine that dies or a
+    /// partition gives no such hint, and the election timeout covers those).
+    ///
+    /// If `host` is the leader this replica follows, the replica stops waiting
+    /// the full election timeout: it refuses other candidates only until the
+    /// leader's read lease has surely ended (`leader_lease_us × 3/2` after it last
+    /// heard from the leader: safe while no clock runs 1.5 times faster than
+    /// another), and the first voter after `host` in id order (wrapping) runs
+    /// for election one heartbeat interval after that. A wrong hint costs an election, never safety: the
+    /// candidate needs a quorum's promises like any other.
+    pub fn suspect(&mut self, now: Time, host: HostId) {
+        self.now = self.now.max(now);
+        if self.leading.is_none()
+            && self.candidate.is_none()
+            && self.leader_hint == Some(host)
+            && self.membership.is_voter(self.cfg.id)
+        {
+            self.leader_suspected = true;
+            let first = self
+                .membership
+                .voters
+                .iter()
+                .filter(|v| **v != host)
+                .min_by_key(|v| (v.0 <= host.0, v.0));
+            if first == Some(&self.cfg.id) {
+                // The other voters may have heard from the leader up to one
+                // heartbeat later than this one: wait that much more, so they
+                // no longer refuse.
+                let at = self
+                    .last_leader_contact
+                    .map_or(self.now, |t| {
+                        t.plus_us(self.sticky_window_us())
+                            .plus_us(self.cfg.timing.heartbeat_interval_us)
+                    })
+                    .max(self.now);
+                self.election_deadline = self.election_deadline.min(at);
+            }
+        }
+        self.after_input();
     }
 
     /// Runs timers: elections, heartbeats, retransmissions, step-down, promotions.
@@ -1268,7 +1325,7 @@ impl Replica {
             // it. This is what makes the read lease safe.
             if let (Some(t), Some(h)) = (self.last_leader_contact, self.leader_hint_or_self())
                 && h != from
-                && self.now.since(t) < self.cfg.timing.election_timeout_us
+                && self.now.since(t) < self.sticky_window_us()
             {
                 return;
             }
@@ -1742,6 +1799,7 @@ impl Replica {
             self.stash.clear();
             self.leader_hint = Some(from);
             self.last_leader_contact = Some(self.now);
+            self.leader_suspected = false;
             self.election_deadline = self
                 .now
                 .plus_us(self.cfg.timing.election_timeout_us)

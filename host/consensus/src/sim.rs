@@ -601,6 +601,11 @@ impl Sim {
         Time(x.clock_base.0 + (elapsed + elapsed * x.drift_ppm / 1_000_000).max(0) as u64)
     }
 
+    /// Host `h`'s clock reading now (what its replica is given).
+    pub fn clock(&self, h: HostId) -> Time {
+        self.local(h)
+    }
+
     /// Changes how fast host `h`'s clock runs from now on (its reading stays monotone).
     pub fn set_clock_drift(&mut self, h: HostId, drift_ppm: i64) {
         let reading = self.local(h);
@@ -746,6 +751,16 @@ impl Sim {
         let now = self.local(h);
         if let Some(r) = self.hosts.get_mut(&h).and_then(|x| x.replica.as_mut()) {
             r.campaign(now);
+        }
+        self.pump(h);
+    }
+
+    /// Tells host `h` that host `gone` seems gone (`Replica::suspect`), as the
+    /// daemon does when every connection to a host closes.
+    pub fn suspect(&mut self, h: HostId, gone: HostId) {
+        let now = self.local(h);
+        if let Some(r) = self.hosts.get_mut(&h).and_then(|x| x.replica.as_mut()) {
+            r.suspect(now, gone);
         }
         self.pump(h);
     }

@@ -353,3 +353,54 @@ fn leader_elected_while_behind_catches_up_after_its_request_is_lost() {
         s.app(b).is_some_and(|a| a.get(1) == 4242)
     });
 }
+
+/// A crashed leader's connections close; the daemon passes that on as
+/// `suspect`. The survivors still refuse a new leader while the old lease may
+/// run, then elect one. (How much sooner than the election timeout is
+/// measured on real hosts by `vp-host bench failover`: the simulator's
+/// drifting clocks make a with/without comparison here unreliable.)
+#[test]
+fn a_suspected_leader_is_replaced_but_never_during_its_lease() {
+    let t = vp_consensus::sim::sim_timing();
+    let (mut sim, old, others) = quiet_cluster(21);
+    run(&mut sim, 100_000);
+    sim.crash(old);
+    for h in &others {
+        sim.suspect(*h, old);
+    }
+    for _ in 0..t.leader_lease_us / 1000 {
+        run(&mut sim, 1_000);
+        assert!(
+            sim.leader().is_none(),
+            "a new leader while the old lease may run"
+        );
+    }
+    run_until(&mut sim, 3_000_000, "a new leader", |s| {
+        s.leader().is_some_and(|l| l != old)
+    });
+    sim.check_history().unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// A suspicion about a host that is not the leader changes nothing, and a
+/// wrong suspicion about a live leader only costs an election: the leader's
+/// lease reads stay correct (the simulator's checkers run throughout).
+#[test]
+fn a_wrong_suspicion_costs_at_most_an_election() {
+    let (mut sim, leader, others) = quiet_cluster(22);
+    run(&mut sim, 100_000);
+    sim.suspect(others[0], others[1]);
+    run(&mut sim, 400_000);
+    assert_eq!(
+        sim.leader(),
+        Some(leader),
+        "suspecting a follower changes nothing"
+    );
+    sim.pause_clients(false);
+    for h in &others {
+        sim.suspect(*h, leader);
+    }
+    run(&mut sim, 2_000_000);
+    sim.pause_clients(true);
+    run_until(&mut sim, 3_000_000, "a leader", |s| s.leader().is_some());
+    sim.check_history().unwrap_or_else(|f| panic!("{f}"));
+}

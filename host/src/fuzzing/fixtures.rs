@@ -98,7 +98,9 @@ impl AlmPeer {
                 // replica validates it; the sender is the authenticated peer's
                 // host id, here a fixed fellow member.
                 let now = CTime(CONSENSUS_T0.0 + (self.now.0 - ALM_T0.0));
-                let peer = self.paxos.get_or_insert_with(|| ConsensusPeer::new(CONSENSUS_ME));
+                let peer = self
+                    .paxos
+                    .get_or_insert_with(|| ConsensusPeer::new(CONSENSUS_ME));
                 let _ = peer.input(now, CHostId(2), msg);
             }
             Wire::Vp(msg) => {

@@ -305,21 +305,100 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
     };
     let client = ClientId(42);
     let mut out = vec![
-        ("locate", VpWire::Locate { vp, nonce: 1, reply_to: contact.clone() }),
-        ("located", VpWire::Located { vp, nonce: 1, member: CHostId(2), leader: Some((CHostId(1), contact.clone())) }),
-        ("request", VpWire::Request(Request { vp, client, seq: 1, ack_below: 1, payload: br#"{"add":1}"#.to_vec(), read: false, reply_to: contact.clone() })),
-        ("reply", VpWire::Reply(Reply { vp, client, seq: 1, result: Ok(serde_bytes::ByteBuf::from(vec![1])), leader: CHostId(1) })),
-        ("redirect", VpWire::Redirect { vp, client, seq: 1, leader: None }),
-        ("deploy", VpWire::Deploy(Deploy { op: 3, config, founding: Some(super::fixtures::consensus_membership()), module_from: contact.clone(), members: vec![(CHostId(2), contact.clone())] })),
-        ("deploy-ack", VpWire::DeployAck { op: 3, vp, result: Err("no".into()) }),
+        (
+            "locate",
+            VpWire::Locate {
+                vp,
+                nonce: 1,
+                reply_to: contact.clone(),
+            },
+        ),
+        (
+            "located",
+            VpWire::Located {
+                vp,
+                nonce: 1,
+                member: CHostId(2),
+                leader: Some((CHostId(1), contact.clone())),
+            },
+        ),
+        (
+            "request",
+            VpWire::Request(Request {
+                vp,
+                client,
+                seq: 1,
+                ack_below: 1,
+                payload: br#"{"add":1}"#.to_vec(),
+                read: false,
+                reply_to: contact.clone(),
+            }),
+        ),
+        (
+            "reply",
+            VpWire::Reply(Reply {
+                vp,
+                client,
+                seq: 1,
+                result: Ok(serde_bytes::ByteBuf::from(vec![1])),
+                leader: CHostId(1),
+            }),
+        ),
+        (
+            "redirect",
+            VpWire::Redirect {
+                vp,
+                client,
+                seq: 1,
+                leader: None,
+            },
+        ),
+        (
+            "deploy",
+            VpWire::Deploy(Deploy {
+                op: 3,
+                config,
+                founding: Some(super::fixtures::consensus_membership()),
+                module_from: contact.clone(),
+                members: vec![(CHostId(2), contact.clone())],
+            }),
+        ),
+        (
+            "deploy-ack",
+            VpWire::DeployAck {
+                op: 3,
+                vp,
+                result: Err("no".into()),
+            },
+        ),
         ("undeploy", VpWire::Undeploy { vp }),
         ("fetch-module", VpWire::FetchModule { hash, offset: 0 }),
-        ("module-chunk", VpWire::ModuleChunk { hash, offset: 0, total: 3, bytes: vec![0, 97, 115] }),
+        (
+            "module-chunk",
+            VpWire::ModuleChunk {
+                hash,
+                offset: 0,
+                total: 3,
+                bytes: vec![0, 97, 115],
+            },
+        ),
         ("module-missing", VpWire::ModuleMissing { hash }),
         ("load-query", VpWire::LoadQuery { op: 4 }),
-        ("load", VpWire::Load { op: 4, memberships: 2 }),
+        (
+            "load",
+            VpWire::Load {
+                op: 4,
+                memberships: 2,
+            },
+        ),
         ("status-query", VpWire::StatusQuery { vp, op: 5 }),
-        ("status-reply", VpWire::StatusReply { op: 5, status: Err("not a member".into()) }),
+        (
+            "status-reply",
+            VpWire::StatusReply {
+                op: 5,
+                status: Err("not a member".into()),
+            },
+        ),
     ]
     .into_iter()
     .map(|(k, m)| (k, Wire::Vp(m)))

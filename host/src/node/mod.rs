@@ -331,12 +331,15 @@ impl Node {
             NetEvent::Identified {
                 peer, listen_addrs, ..
             } => self.net.add_addresses(peer, listen_addrs),
-            NetEvent::Connected { .. }
-            | NetEvent::Disconnected { .. }
-            | NetEvent::ListenAddr(_) => {}
+            NetEvent::Connected { peer, .. } => {
+                self.vps.gone.remove(&peer);
+            }
+            NetEvent::Disconnected { peer } => self.on_peer_gone(peer),
+            NetEvent::ListenAddr(_) => {}
             NetEvent::Unreachable { peer } => {
                 let now = self.now();
                 self.alm.handle_unreachable(now, host_id_of(&peer));
+                self.on_peer_gone(peer);
             }
         }
     }

@@ -68,10 +68,26 @@ struct Sample {
     searches: usize,
     candidates: HashMap<HostId, PeerContact>,
     loads: HashMap<HostId, u32>,
-    asked: bool,
+    started: Instant,
+    /// When the load queries went out.
+    asked: Option<Instant>,
     deadline: Instant,
     reply: oneshot::Sender<Vec<Candidate>>,
 }
+
+/// Placement waits this long for the searches, at most, once it has more
+/// candidates than it wants (a search routed through a dead host waits for the
+/// overlay's timeout; the others suffice), and as long again for load answers
+/// once enough candidates answered (a dead candidate never answers).
+const SAMPLE_ENOUGH_WAIT: Duration = Duration::from_millis(100);
+/// ... and at most this long for the searches in any case.
+const SAMPLE_SEARCH_MAX: Duration = Duration::from_secs(1);
+/// A locate is repeated no more often than this.
+const LOCATE_RETRY: Duration = Duration::from_millis(40);
+/// How long a closed peer's leader hints are ignored, unless it reconnects.
+const GONE_FORGET: Duration = Duration::from_secs(5);
+/// A placement gives up after this long.
+const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
 struct Fetch {
     from: PeerContact,
@@ -93,6 +109,8 @@ pub struct VpNode {
     locating: HashMap<VpId, Instant>,
     sessions: Vec<(ClientId, u64)>,
     samples: HashMap<u64, Sample>,
+    /// Peers whose connections all closed, and when (see `believable`).
+    pub(super) gone: HashMap<libp2p::PeerId, Instant>,
     sample_searches: HashMap<OpId, u64>,
     resolving: HashMap<OpId, HostId>,
     deploys: HashMap<u64, (oneshot::Sender<Result<(), String>>, Instant)>,
@@ -121,6 +139,7 @@ impl VpNode {
             locating: HashMap::new(),
             sessions: Vec::new(),
             samples: HashMap::new(),
+            gone: HashMap::new(),
             sample_searches: HashMap::new(),
             resolving: HashMap::new(),
             deploys: HashMap::new(),
@@ -265,7 +284,7 @@ impl Node {
                 None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
             },
             VpWire::Located { vp, leader, .. } => {
-                if let Some((host, contact)) = leader {
+                if let Some((host, contact)) = leader.filter(|(_, c)| self.believable(c)) {
                     self.vps.directory.learn(host, &contact);
                     self.vps.leaders.insert(vp, (host, contact));
                     self.vps.locating.remove(&vp);
@@ -299,7 +318,7 @@ impl Node {
                 // Retry at once at a different leader; after a pause when the
                 // redirecting host names itself (it is not ready) or nobody.
                 let elsewhere = match leader {
-                    Some((host, contact)) if contact.peer != from => {
+                    Some((host, contact)) if contact.peer != from && self.believable(&contact) => {
                         self.vps.directory.learn(host, &contact);
                         self.vps.leaders.insert(vp, (host, contact));
                         true
@@ -561,12 +580,26 @@ impl Node {
             return;
         };
         o.attempts += 1;
-        let backoff = Duration::from_millis(150 * (1 << o.attempts.min(5)));
+        // 100, 200, 400, then every 800 ms: a retry is safe (same session and
+        // sequence number), a lost request should not wait long.
+        // Without a known leader, ask the members again soon (an election
+        // takes tens of milliseconds).
+        let backoff = if leader.is_some() {
+            Duration::from_millis(100 << (o.attempts - 1).min(3))
+        } else {
+            LOCATE_RETRY
+        };
         o.next_try = Instant::now() + backoff;
+        let retry = o.attempts > 1;
         match leader {
             Some((_, contact)) => {
                 let req = o.req.clone();
                 self.send_vp(&contact, VpWire::Request(req));
+                // No answer last time: the leader may have changed without
+                // this host hearing of it; ask the members too.
+                if retry {
+                    self.locate(vp);
+                }
             }
             None => self.locate(vp),
         }
@@ -579,7 +612,7 @@ impl Node {
             .vps
             .locating
             .get(&vp)
-            .is_some_and(|t| now.duration_since(*t) < Duration::from_millis(200))
+            .is_some_and(|t| now.duration_since(*t) < LOCATE_RETRY)
         {
             return;
         }
@@ -610,6 +643,41 @@ impl Node {
             vp_alm::Bytes::copy_from(&payload),
         ) {
             tracing::debug!(%vp, "cannot multicast a locate: {e}");
+        }
+    }
+
+    /// Every connection to `peer` closed, or it cannot be dialled: tell the
+    /// member threads (a lost leader is replaced by an election at once),
+    /// forget it as a leader, and retry what was waiting on it.
+    pub(super) fn on_peer_gone(&mut self, peer: libp2p::PeerId) {
+        let host = consensus_host(super::overlay::host_id_of(&peer));
+        self.vps.gone.insert(peer, Instant::now());
+        for m in self.vps.members.values() {
+            m.send(MemberEvent::PeerDown(host));
+        }
+        let lost: Vec<VpId> = self
+            .vps
+            .leaders
+            .iter()
+            .filter(|(_, (_, c))| c.peer == peer)
+            .map(|(vp, _)| *vp)
+            .collect();
+        for vp in lost {
+            self.vps.leaders.remove(&vp);
+            self.flush_outstanding(vp);
+        }
+    }
+
+    /// A leader hint naming a host whose connections closed lately is stale
+    /// (members keep believing in a dead leader until they elect another).
+    fn believable(&mut self, contact: &PeerContact) -> bool {
+        match self.vps.gone.get(&contact.peer) {
+            Some(t) if t.elapsed() < GONE_FORGET => false,
+            Some(_) => {
+                self.vps.gone.remove(&contact.peer);
+                true
+            }
+            None => true,
         }
     }
 
@@ -706,6 +774,7 @@ impl Node {
             self.locate(vp);
         }
         self.vps.deploys.retain(|_, (_, deadline)| *deadline > now);
+        self.vps.gone.retain(|_, t| t.elapsed() < GONE_FORGET);
         self.vps
             .status_queries
             .retain(|_, (_, deadline)| *deadline > now);
@@ -762,8 +831,9 @@ impl Node {
             searches,
             candidates,
             loads: HashMap::new(),
-            asked: false,
-            deadline: Instant::now() + Duration::from_secs(3),
+            started: Instant::now(),
+            asked: None,
+            deadline: Instant::now() + SAMPLE_DEADLINE,
             reply,
         };
         self.vps.samples.insert(op, sample);
@@ -775,10 +845,12 @@ impl Node {
         let ops: Vec<u64> = self.vps.samples.keys().copied().collect();
         for op in ops {
             let sample = self.vps.samples.get_mut(&op).expect("present");
-            let searching_done =
-                sample.searches == 0 || now + Duration::from_secs(2) >= sample.deadline;
-            if searching_done && !sample.asked {
-                sample.asked = true;
+            let waited = now.saturating_duration_since(sample.started);
+            let searching_done = sample.searches == 0
+                || (sample.candidates.len() > sample.want && waited >= SAMPLE_ENOUGH_WAIT)
+                || waited >= SAMPLE_SEARCH_MAX;
+            if searching_done && sample.asked.is_none() {
+                sample.asked = Some(now);
                 sample.loads.insert(me, my_load);
                 let targets: Vec<PeerContact> = sample
                     .candidates
@@ -792,8 +864,13 @@ impl Node {
                 continue;
             }
             let sample = self.vps.samples.get(&op).expect("present");
-            let all_answered = sample.asked && sample.loads.len() >= sample.candidates.len();
-            if all_answered || now >= sample.deadline {
+            let Some(asked) = sample.asked else {
+                continue;
+            };
+            let all_answered = sample.loads.len() >= sample.candidates.len();
+            let enough_answered = sample.loads.len() >= sample.want
+                && now.saturating_duration_since(asked) >= SAMPLE_ENOUGH_WAIT;
+            if all_answered || enough_answered || now >= sample.deadline {
                 let sample = self.vps.samples.remove(&op).expect("present");
                 // Only hosts that answered are alive enough to host a member.
                 let mut found: Vec<Candidate> = sample

@@ -188,7 +188,11 @@ pub(crate) fn rewrite(bytes: &[u8]) -> Result<Rewritten, LoadError> {
     let Some(export_section_at) = export_section_at else {
         // No exports at all: not a vp guest. Leave it as it is; the loader's
         // checks name what is wrong (its imports first, then the exports).
-        return Ok(Rewritten { bytes: bytes.to_vec(), globals: Vec::new(), stack_pointer: None });
+        return Ok(Rewritten {
+            bytes: bytes.to_vec(),
+            globals: Vec::new(),
+            stack_pointer: None,
+        });
     };
 
     let mut export_section = ExportSection::new();

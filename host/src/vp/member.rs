@@ -79,6 +79,10 @@ pub enum MemberEvent {
     },
     Status(oneshot::Sender<VpStatus>),
     Digest(oneshot::Sender<Option<StateDigest>>),
+    /// Every connection to this host closed (its process died, or the network
+    /// between us did): if it led, a new leader is elected as soon as its lease
+    /// has surely ended rather than after the election timeout (`Replica::suspect`).
+    PeerDown(HostId),
     /// The storage thread made everything up to this token durable.
     Persisted(u64),
     /// The storage thread failed (fail-stop).
@@ -275,7 +279,8 @@ fn start_storage(
     mut store: FileStore,
     member: SyncSender<MemberEvent>,
 ) -> Result<SyncSender<Vec<vp_consensus::PersistBatch>>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<vp_consensus::PersistBatch>>(STORAGE_QUEUE_MAX);
+    let (tx, rx) =
+        std::sync::mpsc::sync_channel::<Vec<vp_consensus::PersistBatch>>(STORAGE_QUEUE_MAX);
     std::thread::Builder::new()
         .name(format!("vp-{vp}-disk"))
         .spawn(move || {
@@ -407,6 +412,7 @@ impl Member {
                 }
             }
             MemberEvent::Request(req) => self.on_request(now, req),
+            MemberEvent::PeerDown(host) => self.replica.suspect(now, host),
             MemberEvent::Locate { nonce, reply_to } => {
                 let leader = self.leader_contact();
                 let msg = VpWire::Located {
@@ -728,7 +734,10 @@ impl Member {
     /// would promise; stop, keep the data, let the node know.
     fn fail(&mut self, why: String) {
         tracing::error!("{why}; stopping this member");
-        let _ = self.ctx.node.try_send(MemberOutput::Failed { vp: self.vp(), why });
+        let _ = self
+            .ctx
+            .node
+            .try_send(MemberOutput::Failed { vp: self.vp(), why });
         self.stopped = true;
     }
 

@@ -94,13 +94,15 @@ impl VpConfig {
     }
 
     /// Timers for hosts on a LAN or loopback: heartbeat every 25 ms, a new
-    /// leader after 150 to 250 ms of silence.
+    /// leader after 150 to 250 ms of silence, or 85 ms after the last word
+    /// from a leader whose connections closed (`Replica::suspect`: lease 40 ms
+    /// × 3/2, plus one heartbeat interval).
     pub fn default_timing() -> vp_consensus::Timing {
         vp_consensus::Timing {
             heartbeat_interval_us: 25_000,
             election_timeout_us: 150_000,
             election_jitter_us: 100_000,
-            leader_lease_us: 60_000,
+            leader_lease_us: 40_000,
             retry_us: 100_000,
             promote_lag_slots: 64,
             log_retain_slots: 256,
