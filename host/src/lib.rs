@@ -3,6 +3,7 @@
 //! - [`sandbox`]: the deterministic Wasmtime sandbox (guests, snapshots, digests)
 //! - [`exec`]: `vp-host exec`, an app on one machine driven by JSON lines
 //! - [`bench`]: the sandbox benchmarks
+//! - [`bench_vp`]: benchmarks of whole virtual peers (commit, failover, replace)
 //! - [`net`]: libp2p connections and vp's message streams
 //! - [`api`]: the daemon's local control API and its client
 //! - [`node`]: the daemon (`vp-host join`): the overlay, and the API routes
@@ -12,6 +13,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_vp;
 pub mod demo;
 pub mod exec;
 #[doc(hidden)]

@@ -367,8 +367,23 @@ impl LocalCluster {
         self.hosts[via].api.get(&format!("/v1/vps/{vp}")).await
     }
 
+    /// The virtual peer's status through host `via`, or, if it does not
+    /// answer (killed), through the first running host that does.
+    pub async fn any_vp_status(&self, via: usize, vp: &str) -> Option<VpStatus> {
+        let order = std::iter::once(via).chain((0..self.hosts.len()).filter(|&i| i != via));
+        for i in order {
+            if self.hosts[i].is_running()
+                && let Ok(s) = self.vp_status(i, vp).await
+            {
+                return Some(s);
+            }
+        }
+        None
+    }
+
     /// Wait until the virtual peer has `n` voters, none of them in `excluded`,
-    /// a leader, and no learner; return its status.
+    /// a leader, and no learner; return its status. Asks `via`, or another
+    /// running host if `via` does not answer.
     pub async fn wait_voters(
         &self,
         via: usize,
@@ -381,7 +396,7 @@ impl LocalCluster {
         let found = poll(timeout, Duration::from_millis(50), || {
             let last = &last;
             async move {
-                let s = self.vp_status(via, vp).await.ok()?;
+                let s = self.any_vp_status(via, vp).await?;
                 let done = s.voters.len() == n
                     && s.learners.is_empty()
                     && s.leader.is_some()

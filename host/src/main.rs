@@ -263,6 +263,42 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// A virtual peer of 3 member processes on loopback (durable storage):
+    /// peak throughput of C closed-loop clients, then latency at a quarter of it.
+    Commit {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Size of each message (JSON), bytes.
+        #[arg(long, default_value_t = 100)]
+        message_bytes: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// SIGKILL the leader of a virtual peer under load, N times: time from the
+    /// kill to the first reply to a message sent after it.
+    Failover {
+        /// Leader kills.
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// Concurrent clients (on a host outside the virtual peer).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
+    /// SIGKILL a member of a virtual peer holding bulk state: time until its
+    /// replacement votes.
+    Replace {
+        /// Guest state, MiB.
+        #[arg(long, default_value_t = 64)]
+        state_mib: u64,
+        /// Kills (each replaced before the next).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The virtual peer's replacement timeout, ms.
+        #[arg(long, default_value_t = 500)]
+        replace_after_ms: u64,
+    },
     /// Snapshot and restore (into a fresh engine) of a guest holding bulk state.
     Snapshot {
         /// State the guest holds, MiB.
@@ -747,6 +783,30 @@ fn main() -> ExitCode {
                 BenchCommand::Dispatch { messages } => {
                     vp_host::bench::dispatch(messages).and_then(|r| print_json(&r))
                 }
+                BenchCommand::Commit {
+                    clients,
+                    message_bytes,
+                    seconds,
+                } => runtime().and_then(|rt| {
+                    rt.block_on(vp_host::bench_vp::commit(clients, message_bytes, seconds))
+                        .and_then(|r| print_json(&r))
+                }),
+                BenchCommand::Failover { kills, clients } => runtime().and_then(|rt| {
+                    rt.block_on(vp_host::bench_vp::failover(kills, clients))
+                        .and_then(|r| print_json(&r))
+                }),
+                BenchCommand::Replace {
+                    state_mib,
+                    rounds,
+                    replace_after_ms,
+                } => runtime().and_then(|rt| {
+                    rt.block_on(vp_host::bench_vp::replace(
+                        state_mib,
+                        rounds,
+                        replace_after_ms,
+                    ))
+                    .and_then(|r| print_json(&r))
+                }),
                 BenchCommand::Snapshot { state_mib, rounds } => {
                     vp_host::bench::snapshot(state_mib, rounds).and_then(|r| print_json(&r))
                 }

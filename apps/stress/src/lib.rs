@@ -16,6 +16,8 @@
 //!   pseudo-random bytes; replies with their checksum
 //! - `"checksum"`: replies with the checksum of the held state (also a read)
 //! - `"stats"`: replies with `[counter, held bytes, handled messages]`
+//! - `{"note": TEXT}`: adds the text's length to the counter; replies with the
+//!   counter (a message of any size, for throughput benchmarks)
 
 use vp_guest_sdk::prelude::*;
 
@@ -38,6 +40,7 @@ pub enum Msg {
     AddThenPanic(i64),
     GrowThenPanic(u64),
     Add(i64),
+    Note(String),
     Hold { bytes: u64, seed: u64 },
     Checksum,
     Stats,
@@ -115,6 +118,10 @@ impl App for Stress {
                     .ok_or("counter would overflow")?;
                 Reply::Number(self.counter)
             }
+            Msg::Note(text) => {
+                self.counter = self.counter.wrapping_add(text.len() as i64);
+                Reply::Number(self.counter)
+            }
             Msg::Hold { bytes, seed } => {
                 let words = usize::try_from(bytes / 8).map_err(|_| "too large")?;
                 let mut state = seed | 1;
@@ -174,5 +181,12 @@ mod tests {
         assert_ne!(a, c);
         let stats: [u64; 3] = t.request(&json!("stats")).unwrap();
         assert_eq!(stats, [0, 4096, 4]);
+    }
+
+    #[test]
+    fn notes_add_their_length() {
+        let mut t = TestApp::<Stress>::new();
+        assert_eq!(t.request::<_, i64>(&json!({"note": "abc"})).unwrap(), 3);
+        assert_eq!(t.request::<_, i64>(&json!({"note": "hello"})).unwrap(), 8);
     }
 }

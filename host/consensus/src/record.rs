@@ -81,7 +81,27 @@ pub enum ImageError {
 
 impl SnapshotImage {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("encoding a snapshot into memory cannot fail")
+        // Into a buffer of the final size: growing one by doubling would copy
+        // a large application state several times over.
+        let head = postcard::to_allocvec(&self.clone_without_state())
+            .expect("encoding a snapshot into memory cannot fail")
+            .len();
+        let capacity = head + 10 + self.app_state.len();
+        postcard::to_extend(self, Vec::with_capacity(capacity))
+            .expect("encoding a snapshot into memory cannot fail")
+    }
+
+    /// Everything but the application state (which is shared, not copied).
+    fn clone_without_state(&self) -> SnapshotImage {
+        SnapshotImage {
+            slot: self.slot,
+            membership: self.membership.clone(),
+            epoch_start: self.epoch_start,
+            sessions: self.sessions.clone(),
+            time_ms: self.time_ms,
+            app_digest: self.app_digest,
+            app_state: Bytes::default(),
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<SnapshotImage, ImageError> {

@@ -819,11 +819,19 @@ impl Node {
                 searches += 1;
             }
         }
-        // This host is a candidate too.
+        // This host is a candidate too, and so are hosts it has heard from
+        // (a small network's searches keep finding the same few hosts; the
+        // load query below tells the live ones).
         let mut candidates = HashMap::new();
         let me = consensus_host(self.me.host);
         if !exclude.contains(&me) {
             candidates.insert(me, self.me.contact.clone());
+        }
+        let gone = &self.vps.gone;
+        for (host, contact) in self.vps.directory.sample(2 * want + 4, |h, c| {
+            h == me || exclude.contains(&h) || gone.contains_key(&c.peer)
+        }) {
+            candidates.insert(host, contact);
         }
         let sample = Sample {
             want,

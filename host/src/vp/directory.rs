@@ -21,6 +21,20 @@ impl Directory {
         self.0.read().expect("directory lock").get(&host).cloned()
     }
 
+    /// Up to `n` hosts drawn at random, none of them refused by `skip`.
+    pub fn sample(
+        &self,
+        n: usize,
+        skip: impl Fn(HostId, &PeerContact) -> bool,
+    ) -> Vec<(HostId, PeerContact)> {
+        use rand::seq::IteratorRandom;
+        let map = self.0.read().expect("directory lock");
+        map.iter()
+            .filter(|(h, c)| !skip(**h, c))
+            .map(|(h, c)| (*h, c.clone()))
+            .choose_multiple(&mut rand::thread_rng(), n)
+    }
+
     /// Remember (or refresh) how to reach `host`.
     pub fn learn(&self, host: HostId, contact: &PeerContact) {
         let mut map = self.0.write().expect("directory lock");

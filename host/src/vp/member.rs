@@ -255,6 +255,7 @@ pub fn start_member(
         replacing: None,
         was_member: false,
         grace_until: Time(0),
+        down: HashMap::new(),
         stopped: false,
         last_tick: Time(0),
     };
@@ -306,6 +307,13 @@ fn start_storage(
     Ok(tx)
 }
 
+/// A voter whose connections closed is replaced after this much silence
+/// (instead of `replace_after_ms`, if that is longer).
+const DOWN_REPLACE_AFTER: Duration = Duration::from_millis(150);
+/// Applied slots past the last checkpoint beyond which a replacement takes a
+/// fresh checkpoint for the new member.
+const REPLACE_FRESH_CHECKPOINT_SLOTS: u64 = 64;
+
 struct Replacement {
     dead: HostId,
     new: Option<HostId>,
@@ -336,6 +344,8 @@ struct Member {
     leading: bool,
     outbox_sent: HashMap<u64, Time>,
     replacing: Option<Replacement>,
+    /// Hosts whose connections all closed lately (`PeerDown`), and when.
+    down: HashMap<HostId, Time>,
     /// This host has appeared in an applied membership.
     was_member: bool,
     stopped: bool,
@@ -412,7 +422,10 @@ impl Member {
                 }
             }
             MemberEvent::Request(req) => self.on_request(now, req),
-            MemberEvent::PeerDown(host) => self.replica.suspect(now, host),
+            MemberEvent::PeerDown(host) => {
+                self.down.insert(host, now);
+                self.replica.suspect(now, host);
+            }
             MemberEvent::Locate { nonce, reply_to } => {
                 let leader = self.leader_contact();
                 let msg = VpWire::Located {
@@ -642,15 +655,28 @@ impl Member {
             return;
         }
         let limit = self.cfg.replace_after_ms * 1000;
+        // A member whose connections closed (its process died) and that stayed
+        // silent for DOWN_REPLACE_AFTER is not coming back soon.
+        let down_limit = limit.min(DOWN_REPLACE_AFTER.as_micros() as u64);
+        self.down
+            .retain(|_, at| now.since(*at) < 10 * DOWN_REPLACE_AFTER.as_micros() as u64);
         let dead = self
             .replica
             .member_silence_us(now)
             .into_iter()
-            .filter(|(h, silence)| self.membership.is_voter(*h) && *silence >= limit)
-            .map(|(h, _)| h)
-            .next();
-        if let Some(dead) = dead {
-            tracing::info!(%dead, silent_ms = self.cfg.replace_after_ms, "member is silent; finding a replacement");
+            .find(|(h, silence)| {
+                let limit = if self.down.contains_key(h) {
+                    down_limit
+                } else {
+                    limit
+                };
+                self.membership.is_voter(*h) && *silence >= limit
+            });
+        if let Some((dead, silence)) = dead {
+            tracing::info!(%dead, silent_ms = silence / 1000, connections_closed = self.down.contains_key(&dead), "member is silent; finding a replacement");
+            // Checkpoint now: the snapshot the new member will receive is
+            // written while the node finds and prepares a host.
+            self.checkpoint(true);
             self.replacing = Some(Replacement {
                 dead,
                 new: None,
@@ -673,9 +699,12 @@ impl Member {
         if !wanted || !self.replica.is_leader() || !self.membership.is_voter(dead) {
             return;
         }
-        // Checkpoint now, so the new member receives the guest's current state
-        // (strong migration) instead of replaying the whole log.
-        self.checkpoint(true);
+        // The checkpoint taken when the replacement began is what the new member
+        // receives (strong migration), then the log after it; a newer one only
+        // if much happened meanwhile.
+        if self.applied.0 > self.last_checkpoint.0 + REPLACE_FRESH_CHECKPOINT_SLOTS {
+            self.checkpoint(true);
+        }
         match self.replica.reconfigure(
             now,
             MembershipChange::Replace {
@@ -828,6 +857,7 @@ impl Member {
         if self.applied.0 == 0 || (!forced && self.applied <= self.last_checkpoint) {
             return;
         }
+        let started = std::time::Instant::now();
         let image = match encode_image(&self.state, |out| guest.encode_snapshot_into(out)) {
             Ok(image) => image,
             Err(e) => {
@@ -836,9 +866,15 @@ impl Member {
             }
         };
         let bytes = image.len();
+        let encoded_ms = started.elapsed().as_secs_f64() * 1e3;
         match self.replica.checkpoint(self.applied, Bytes::from(image)) {
             Ok(()) => {
-                tracing::debug!(slot = self.applied.0, bytes, "checkpoint");
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                if ms > 20.0 {
+                    tracing::info!(slot = self.applied.0, bytes, encoded_ms, ms, "checkpoint");
+                } else {
+                    tracing::debug!(slot = self.applied.0, bytes, ms, "checkpoint");
+                }
                 self.last_checkpoint = self.applied;
                 self.log_bytes_since_checkpoint = 0;
             }

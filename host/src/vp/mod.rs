@@ -93,15 +93,18 @@ impl VpConfig {
         }
     }
 
-    /// Timers for hosts on a LAN or loopback: heartbeat every 25 ms, a new
-    /// leader after 150 to 250 ms of silence, or 85 ms after the last word
-    /// from a leader whose connections closed (`Replica::suspect`: lease 40 ms
-    /// × 3/2, plus one heartbeat interval).
+    /// Timers for hosts on a LAN or loopback. A leader whose process dies
+    /// closes its connections; the survivors then elect a new one 85 ms after
+    /// its last word (`Replica::suspect`: lease 40 ms × 3/2, plus one heartbeat
+    /// interval of 25 ms). Without that hint (a machine or network failure)
+    /// they wait the election timeout, 400 to 600 ms: generous, because a
+    /// member thread that checkpoints a large guest is busy for a few hundred
+    /// milliseconds on a loaded machine and must not be deposed for it.
     pub fn default_timing() -> vp_consensus::Timing {
         vp_consensus::Timing {
             heartbeat_interval_us: 25_000,
-            election_timeout_us: 150_000,
-            election_jitter_us: 100_000,
+            election_timeout_us: 400_000,
+            election_jitter_us: 200_000,
             leader_lease_us: 40_000,
             retry_us: 100_000,
             promote_lag_slots: 64,

@@ -1,0 +1,360 @@
+//! Benchmarks of whole virtual peers: `vp-host bench commit|failover|replace`.
+//!
+//! Each starts real `vp-host join` processes on loopback (`crate::local`,
+//! durable storage in a temporary directory), drives them through their
+//! control APIs as `vp-host send` does, and prints one JSON line. Crashes are
+//! SIGKILLs. Clients are tasks in this process; each request is one HTTP call
+//! to a host's API, which routes it to the leader.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::local::LocalCluster;
+
+/// Where a benchmark's hosts keep their data: a fresh temporary directory,
+/// removed afterwards unless the run fails.
+fn bench_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vp-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Remove a finished benchmark's directory, unless `VP_BENCH_KEEP` is set
+/// (then print where the hosts' logs are).
+fn finish(dir: PathBuf) {
+    if std::env::var_os("VP_BENCH_KEEP").is_some() {
+        eprintln!("hosts' data and logs kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+async fn cluster(name: &str, hosts: usize) -> Result<(LocalCluster, PathBuf)> {
+    let dir = bench_dir(name)?;
+    let exe = std::env::current_exe().context("cannot find the vp-host executable")?;
+    let c = LocalCluster::start(&exe, &dir, hosts, "info,libp2p=warn").await?;
+    Ok((c, dir))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// A JSON message of exactly `bytes` bytes for the stress app (`{"note": ...}`).
+fn note(bytes: usize) -> serde_json::Value {
+    let overhead = r#"{"note":""}"#.len();
+    json!({ "note": "x".repeat(bytes.saturating_sub(overhead)) })
+}
+
+#[derive(Debug, Serialize)]
+pub struct CommitReport {
+    pub bench: &'static str,
+    pub members: usize,
+    pub clients: usize,
+    pub message_bytes: usize,
+    pub seconds: f64,
+    /// Closed loop, every client sending as fast as replies come.
+    pub peak_msgs_per_s: f64,
+    pub peak_p50_ms: f64,
+    pub peak_p99_ms: f64,
+    /// Open loop at a quarter of the peak rate.
+    pub quarter_msgs_per_s: f64,
+    pub quarter_p50_ms: f64,
+    pub quarter_p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Run `clients` clients against `vp` through host `via` for `seconds`; with
+/// `rate` (messages/s over all clients), each client paces itself (open loop,
+/// latency counted from the scheduled send time), else sends back to back.
+async fn load(
+    c: &Arc<LocalCluster>,
+    via: usize,
+    vp: &str,
+    clients: usize,
+    bytes: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> (u64, Vec<f64>, u64) {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let (c, vp) = (c.clone(), vp.to_string());
+        let msg = note(bytes);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(k as f64 / clients as f64));
+            while Instant::now() < end {
+                let start = match interval {
+                    Some(i) => {
+                        tokio::time::sleep_until(next.into()).await;
+                        let s = next;
+                        next += i;
+                        s
+                    }
+                    None => Instant::now(),
+                };
+                match c.send(via, &vp, msg.clone(), false).await {
+                    Ok(a) if a.error.is_none() => lat.push(start.elapsed().as_secs_f64() * 1e3),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    (all.len() as u64, all, errors)
+}
+
+/// `vp-host bench commit`.
+pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<CommitReport> {
+    let (c, dir) = cluster("commit", 3).await?;
+    let c = Arc::new(c);
+    let vp = c.spawn(0, vp_apps::STRESS, "members=3", |_| {}).await?;
+    let s = c
+        .wait_voters(0, &vp, 3, &[], Duration::from_secs(30))
+        .await?;
+    let leader = s.leader.clone().context("no leader")?;
+    let via = c.index_of(&leader).context("leader not running")?;
+    // Warm up (connections, JIT of nothing: the guest is compiled at deploy).
+    let _ = load(&c, via, &vp, clients, bytes, 1.0, None).await;
+    let (n, lat, e1) = load(&c, via, &vp, clients, bytes, seconds, None).await;
+    let peak = n as f64 / seconds;
+    let (qn, qlat, e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let report = CommitReport {
+        bench: "commit",
+        members: 3,
+        clients,
+        message_bytes: bytes,
+        seconds,
+        peak_msgs_per_s: peak,
+        peak_p50_ms: percentile(&lat, 0.5),
+        peak_p99_ms: percentile(&lat, 0.99),
+        quarter_msgs_per_s: qn as f64 / seconds,
+        quarter_p50_ms: percentile(&qlat, 0.5),
+        quarter_p99_ms: percentile(&qlat, 0.99),
+        errors: e1 + e2,
+    };
+    drop(c);
+    finish(dir);
+    Ok(report)
+}
+
+#[derive(Debug, Serialize)]
+pub struct FailoverReport {
+    pub bench: &'static str,
+    pub kills: usize,
+    /// From the SIGKILL of the leader to the first reply to a message sent after it.
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    pub all_ms: Vec<f64>,
+    pub errors: u64,
+}
+
+/// `vp-host bench failover`.
+pub async fn failover(kills: usize, clients: usize) -> Result<FailoverReport> {
+    let (c, dir) = cluster("failover", 5).await?;
+    let mut c = c;
+    let vp = c.spawn(0, vp_apps::STRESS, "members=3", |_| {}).await?;
+    let mut times = Vec::new();
+    let mut errors = 0;
+    for round in 0..kills {
+        let s = c
+            .wait_voters(0, &vp, 3, &[], Duration::from_secs(60))
+            .await?;
+        let leader = s.leader.clone().context("no leader")?;
+        let victim = c.index_of(&leader).context("leader not running")?;
+        // Clients on a host that is not a member, so they survive the kill.
+        let via = (0..c.hosts.len())
+            .find(|&i| c.hosts[i].is_running() && !s.voters.contains(&c.hosts[i].host_id))
+            .context("no host outside the virtual peer")?;
+        let shared = Arc::new(c);
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed_at_us = Arc::new(AtomicU64::new(u64::MAX));
+        let first_after_us = Arc::new(AtomicU64::new(u64::MAX));
+        let origin = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (c, vp, stop, killed, first) = (
+                shared.clone(),
+                vp.clone(),
+                stop.clone(),
+                killed_at_us.clone(),
+                first_after_us.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut errors = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = origin.elapsed().as_micros() as u64;
+                    match c.send(via, &vp, json!({ "add": 1 }), false).await {
+                        Ok(a) if a.error.is_none() => {
+                            if sent >= killed.load(Ordering::SeqCst) {
+                                first.fetch_min(
+                                    origin.elapsed().as_micros() as u64,
+                                    Ordering::SeqCst,
+                                );
+                            }
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                errors
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        killed_at_us.store(origin.elapsed().as_micros() as u64, Ordering::SeqCst);
+        shared.hosts[victim].kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first_after_us.load(Ordering::SeqCst) == u64::MAX && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            errors += t.await.unwrap_or(0);
+        }
+        let first = first_after_us.load(Ordering::SeqCst);
+        ensure!(
+            first != u64::MAX,
+            "round {round}: no message committed within 30 s of the kill"
+        );
+        times.push((first - killed_at_us.load(Ordering::SeqCst)) as f64 / 1000.0);
+        c = Arc::try_unwrap(shared).map_err(|_| anyhow!("clients still hold the cluster"))?;
+        // Back to full strength, then the killed host returns as a spare.
+        c.wait_voters(
+            via,
+            &vp,
+            3,
+            std::slice::from_ref(&leader),
+            Duration::from_secs(60),
+        )
+        .await?;
+        c.restart(victim).await?;
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let report = FailoverReport {
+        bench: "failover",
+        kills,
+        p50_ms: percentile(&sorted, 0.5),
+        max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+        all_ms: times,
+        errors,
+    };
+    drop(c);
+    finish(dir);
+    Ok(report)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplaceReport {
+    pub bench: &'static str,
+    pub state_mib: u64,
+    pub rounds: usize,
+    /// From the SIGKILL until the replacement votes (configuration without the
+    /// dead member and without learners), per round.
+    pub kill_to_voting_ms: Vec<f64>,
+    /// The part after the leader began replacing (detection excluded).
+    pub replacing_to_voting_ms: Vec<f64>,
+    pub median_kill_to_voting_ms: f64,
+    pub median_replacing_to_voting_ms: f64,
+    pub replace_after_ms: u64,
+}
+
+/// `vp-host bench replace`.
+pub async fn replace(
+    state_mib: u64,
+    rounds: usize,
+    replace_after_ms: u64,
+) -> Result<ReplaceReport> {
+    let (c, dir) = cluster("replace", 4 + rounds).await?;
+    let memory_max = (state_mib * 2 + 64) << 20;
+    let query = format!("members=3&memory_max={memory_max}&replace_after_ms={replace_after_ms}");
+    let vp = c.spawn(0, vp_apps::STRESS, &query, |_| {}).await?;
+    c.ask(
+        0,
+        &vp,
+        json!({ "hold": { "bytes": state_mib << 20, "seed": 7 } }),
+    )
+    .await?;
+    let mut kill_to_voting = Vec::new();
+    let mut replacing_to_voting = Vec::new();
+    for _ in 0..rounds {
+        let s = c
+            .wait_voters(0, &vp, 3, &[], Duration::from_secs(120))
+            .await?;
+        let leader = s.leader.clone().context("no leader")?;
+        let dead = s
+            .voters
+            .iter()
+            .find(|v| **v != leader)
+            .cloned()
+            .context("no follower")?;
+        let victim = c.index_of(&dead).context("follower not running")?;
+        let via = c.index_of(&leader).context("leader not running")?;
+        let killed = Instant::now();
+        c.hosts[victim].kill();
+        let mut replacing = None;
+        loop {
+            ensure!(
+                killed.elapsed() < Duration::from_secs(120),
+                "no replacement within 120 s"
+            );
+            if let Some(s) = c.any_vp_status(via, &vp).await {
+                if replacing.is_none() && (s.replacing.is_some() || !s.voters.contains(&dead)) {
+                    replacing = Some(Instant::now());
+                }
+                if s.voters.len() == 3 && s.learners.is_empty() && !s.voters.contains(&dead) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let done = Instant::now();
+        kill_to_voting.push(done.duration_since(killed).as_secs_f64() * 1e3);
+        replacing_to_voting.push(
+            done.duration_since(replacing.unwrap_or(killed))
+                .as_secs_f64()
+                * 1e3,
+        );
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        percentile(&s, 0.5)
+    };
+    let report = ReplaceReport {
+        bench: "replace",
+        state_mib,
+        rounds,
+        median_kill_to_voting_ms: median(&kill_to_voting),
+        median_replacing_to_voting_ms: median(&replacing_to_voting),
+        kill_to_voting_ms: kill_to_voting,
+        replacing_to_voting_ms: replacing_to_voting,
+        replace_after_ms,
+    };
+    drop(c);
+    finish(dir);
+    Ok(report)
+}
