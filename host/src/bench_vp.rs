@@ -39,7 +39,9 @@ fn finish(dir: PathBuf) {
 async fn cluster(name: &str, hosts: usize) -> Result<(LocalCluster, PathBuf)> {
     let dir = bench_dir(name)?;
     let exe = std::env::current_exe().context("cannot find the vp-host executable")?;
-    let c = LocalCluster::start(&exe, &dir, hosts, "info,libp2p=warn").await?;
+    // The hosts' log filter: VP_BENCH_LOG, else info.
+    let filter = std::env::var("VP_BENCH_LOG").unwrap_or_else(|_| "info,libp2p=warn".into());
+    let c = LocalCluster::start(&exe, &dir, hosts, &filter).await?;
     Ok((c, dir))
 }
 
@@ -170,6 +172,9 @@ pub struct FailoverReport {
     pub p50_ms: f64,
     pub max_ms: f64,
     pub all_ms: Vec<f64>,
+    /// From the kill until a surviving member reports itself leader (the
+    /// rest of each figure above is the client's host finding it).
+    pub elected_ms: Vec<f64>,
     pub errors: u64,
 }
 
@@ -179,6 +184,7 @@ pub async fn failover(kills: usize, clients: usize) -> Result<FailoverReport> {
     let mut c = c;
     let vp = c.spawn(0, vp_apps::STRESS, "members=3", |_| {}).await?;
     let mut times = Vec::new();
+    let mut elected_ms = Vec::new();
     let mut errors = 0;
     for round in 0..kills {
         let s = c
@@ -224,12 +230,32 @@ pub async fn failover(kills: usize, clients: usize) -> Result<FailoverReport> {
             }));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let survivors: Vec<usize> = s
+            .voters
+            .iter()
+            .filter(|v| **v != leader)
+            .filter_map(|v| shared.index_of(v))
+            .collect();
         killed_at_us.store(origin.elapsed().as_micros() as u64, Ordering::SeqCst);
+        let killed = Instant::now();
         shared.hosts[victim].kill();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while first_after_us.load(Ordering::SeqCst) == u64::MAX && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut elected = None;
+        while (elected.is_none() || first_after_us.load(Ordering::SeqCst) == u64::MAX)
+            && Instant::now() < deadline
+        {
+            if elected.is_none() {
+                for &i in &survivors {
+                    if let Ok(st) = shared.vp_status(i, &vp).await
+                        && st.role == "leader"
+                    {
+                        elected = Some(killed.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        elected_ms.push(elected.unwrap_or(f64::NAN));
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             errors += t.await.unwrap_or(0);
@@ -260,6 +286,7 @@ pub async fn failover(kills: usize, clients: usize) -> Result<FailoverReport> {
         p50_ms: percentile(&sorted, 0.5),
         max_ms: sorted.last().copied().unwrap_or(f64::NAN),
         all_ms: times,
+        elected_ms,
         errors,
     };
     drop(c);

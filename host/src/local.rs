@@ -76,13 +76,7 @@ impl LocalHost {
         let mut cmd = Command::new(exe);
         cmd.arg("--data-dir")
             .arg(&data_dir)
-            .args([
-                "--api",
-                "127.0.0.1:0",
-                "join",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-            ])
+            .args(["--api", "127.0.0.1:0", "join"])
             .args(extra)
             .env("VP_LOG", log_filter)
             .env("NO_COLOR", "1")
@@ -90,6 +84,9 @@ impl LocalHost {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        }
         if let Some(addr) = bootstrap {
             cmd.args(["--bootstrap", addr]);
         }
@@ -272,17 +269,24 @@ impl LocalCluster {
             .ok_or_else(|| anyhow!("no live host to bootstrap through"))
     }
 
-    /// Restart host `i` with its data directory, through a live host.
+    /// Restart host `i` with its data directory and its listen address (as a
+    /// volunteer's machine restarts on its configured port), through a live host.
     pub async fn restart(&mut self, i: usize) -> Result<()> {
         let bootstrap = self.live_bootstrap(i)?;
         let name = self.hosts[i].name.clone();
+        let listen = self.hosts[i]
+            .listen
+            .split("/p2p/")
+            .next()
+            .unwrap_or_default()
+            .to_string();
         self.hosts[i].kill();
         self.hosts[i] = LocalHost::start(
             &self.exe,
             &self.dir,
             &name,
             Some(&bootstrap),
-            &[],
+            &["--listen", &listen],
             &self.log_filter,
         )
         .await?;

@@ -810,6 +810,18 @@ impl Replica {
         Ok(())
     }
 
+    /// Unanswered prepares go again after this long: every heartbeat interval
+    /// after a suspicion (the other acceptors stop refusing within about one),
+    /// else every `retry_us`.
+    fn prepare_retry_us(&self) -> u64 {
+        let t = &self.cfg.timing;
+        if self.leader_suspected {
+            t.heartbeat_interval_us.min(t.retry_us)
+        } else {
+            t.retry_us
+        }
+    }
+
     /// How long after hearing from the leader this acceptor refuses other candidates.
     fn sticky_window_us(&self) -> u64 {
         let t = &self.cfg.timing;
@@ -875,7 +887,7 @@ impl Replica {
         } else if let Some(c) = &self.candidate {
             if now >= self.election_deadline {
                 self.start_election();
-            } else if now.since(c.last_sent) >= t.retry_us {
+            } else if now.since(c.last_sent) >= self.prepare_retry_us() {
                 let ballot = c.ballot;
                 let from = c.from;
                 let complete = c.complete;
@@ -1225,7 +1237,7 @@ impl Replica {
             }
         } else if let Some(c) = &self.candidate {
             take(self.election_deadline);
-            take(c.last_sent.plus_us(t.retry_us));
+            take(c.last_sent.plus_us(self.prepare_retry_us()));
         } else if self.membership.is_voter(self.cfg.id) {
             take(self.election_deadline);
         }

@@ -301,6 +301,13 @@ impl Node {
     }
 
     fn on_net_event(&mut self, event: NetEvent<Wire>) {
+        // A peer that speaks is alive (a restarted host keeps its peer id):
+        // its leader hints count again.
+        if let NetEvent::Message { from, .. } = &event
+            && !self.vps.gone.is_empty()
+        {
+            self.vps.gone.remove(from);
+        }
         match event {
             NetEvent::Message {
                 from,

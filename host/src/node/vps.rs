@@ -82,6 +82,10 @@ struct Sample {
 const SAMPLE_ENOUGH_WAIT: Duration = Duration::from_millis(100);
 /// ... and at most this long for the searches in any case.
 const SAMPLE_SEARCH_MAX: Duration = Duration::from_secs(1);
+/// Virtual peers whose answering members a host remembers, and members per
+/// virtual peer (both cleared when full: the memory is only a shortcut).
+const MEMBERS_SEEN_VPS_MAX: usize = 4096;
+const MEMBERS_SEEN_PER_VP_MAX: usize = 16;
 /// A locate is repeated no more often than this.
 const LOCATE_RETRY: Duration = Duration::from_millis(40);
 /// How long a closed peer's leader hints are ignored, unless it reconnects.
@@ -109,6 +113,8 @@ pub struct VpNode {
     locating: HashMap<VpId, Instant>,
     sessions: Vec<(ClientId, u64)>,
     samples: HashMap<u64, Sample>,
+    /// Members that answered locates, per virtual peer (asked directly next time).
+    members_seen: HashMap<VpId, HashMap<HostId, libp2p::PeerId>>,
     /// Peers whose connections all closed, and when (see `believable`).
     pub(super) gone: HashMap<libp2p::PeerId, Instant>,
     sample_searches: HashMap<OpId, u64>,
@@ -140,6 +146,7 @@ impl VpNode {
             sessions: Vec::new(),
             samples: HashMap::new(),
             gone: HashMap::new(),
+            members_seen: HashMap::new(),
             sample_searches: HashMap::new(),
             resolving: HashMap::new(),
             deploys: HashMap::new(),
@@ -216,6 +223,11 @@ impl Node {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains(".removed-") {
+                // An undeployment the host stopped in the middle of.
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
             let Ok(vp) = name.parse::<VpId>() else {
                 continue;
             };
@@ -283,7 +295,10 @@ impl Node {
                 }
                 None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
             },
-            VpWire::Located { vp, leader, .. } => {
+            VpWire::Located {
+                vp, leader, member, ..
+            } => {
+                self.remember_member(vp, member, from);
                 if let Some((host, contact)) = leader.filter(|(_, c)| self.believable(c)) {
                     self.vps.directory.learn(host, &contact);
                     self.vps.leaders.insert(vp, (host, contact));
@@ -629,6 +644,25 @@ impl Node {
                 return;
             }
         };
+        // Members that answered before are asked directly: the overlay may
+        // still route through a host that just died until it repairs.
+        let known: Vec<PeerContact> = self
+            .vps
+            .members_seen
+            .get(&vp)
+            .map(|m| {
+                m.values()
+                    .filter(|p| !self.vps.gone.contains_key(p))
+                    .map(|p| PeerContact {
+                        peer: *p,
+                        addrs: Vec::new(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for contact in known {
+            self.send_vp(&contact, msg.clone());
+        }
         // A local member answers at once; others through the overlay.
         if let Some(m) = self.vps.members.get(&vp) {
             m.send(MemberEvent::Locate {
@@ -644,6 +678,21 @@ impl Node {
         ) {
             tracing::debug!(%vp, "cannot multicast a locate: {e}");
         }
+    }
+
+    /// Remember that `peer` (host `member`) answered for `vp`: later locates
+    /// ask it directly. Bounded per virtual peer and in the number of them.
+    fn remember_member(&mut self, vp: VpId, member: HostId, peer: libp2p::PeerId) {
+        if !self.vps.members_seen.contains_key(&vp)
+            && self.vps.members_seen.len() >= MEMBERS_SEEN_VPS_MAX
+        {
+            self.vps.members_seen.clear();
+        }
+        let seen = self.vps.members_seen.entry(vp).or_default();
+        if seen.len() >= MEMBERS_SEEN_PER_VP_MAX && !seen.contains_key(&member) {
+            seen.clear();
+        }
+        seen.insert(member, peer);
     }
 
     /// Every connection to `peer` closed, or it cannot be dialled: tell the
@@ -934,7 +983,27 @@ impl Node {
     fn on_deploy(&mut self, deploy: Deploy, reply_to: PeerContact) {
         let vp = deploy.config.vp;
         if self.vps.members.contains_key(&vp) {
-            self.ack_deploy(&deploy, &reply_to, Ok(()));
+            let me = consensus_host(self.me.host);
+            let stale = deploy.founding.is_none() && !deploy.members.iter().any(|(h, _)| *h == me);
+            if stale {
+                // This host was replaced while it was down and kept its old
+                // copy; the leader now wants it back as a new member. The old
+                // copy goes first (it would leave on seeing the current
+                // membership, taking the new role with it); the leader tries
+                // again.
+                tracing::info!(%vp, "asked to join again as a new member: removing the old copy first");
+                self.undeploy(vp);
+                self.ack_deploy(
+                    &deploy,
+                    &reply_to,
+                    Err(
+                        "this host held an old copy of the virtual peer; removing it, try again"
+                            .into(),
+                    ),
+                );
+            } else {
+                self.ack_deploy(&deploy, &reply_to, Ok(()));
+            }
             return;
         }
         if let Err(why) = check_config(&deploy.config) {
@@ -1058,7 +1127,15 @@ impl Node {
         if let Some(handle) = self.vps.members.remove(&vp) {
             let now = self.now();
             let _ = self.alm.remove_key(now, &member_key(vp, self.me.host));
+            // Out of the way at once (a rename), so a new deployment of the
+            // same virtual peer starts clean; removed once the thread stopped.
             let dir = vp_dir(&self.cfg.data_dir, vp);
+            let trash = dir.with_extension(format!("removed-{:016x}", rand::random::<u64>()));
+            let dir = if std::fs::rename(&dir, &trash).is_ok() {
+                trash
+            } else {
+                dir
+            };
             tokio::task::spawn_blocking(move || {
                 handle.stop();
                 let _ = std::fs::remove_dir_all(dir);

@@ -47,7 +47,7 @@ pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 /// How often the leader resends outbound messages that have no logged answer.
 const OUTBOX_RESEND: Duration = Duration::from_secs(2);
 /// A replacement that has not finished in this long is abandoned (and retried).
-const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the loop runs its own duties even without events.
 const TICK: Duration = Duration::from_millis(20);
 
@@ -256,6 +256,7 @@ pub fn start_member(
         was_member: false,
         grace_until: Time(0),
         down: HashMap::new(),
+        learner_since: None,
         stopped: false,
         last_tick: Time(0),
     };
@@ -346,6 +347,8 @@ struct Member {
     replacing: Option<Replacement>,
     /// Hosts whose connections all closed lately (`PeerDown`), and when.
     down: HashMap<HostId, Time>,
+    /// The learner in the configuration, and since when this member saw it.
+    learner_since: Option<(HostId, Time)>,
     /// This host has appeared in an applied membership.
     was_member: bool,
     stopped: bool,
@@ -651,9 +654,27 @@ impl Member {
             }
             return;
         }
-        if !self.membership.learners.is_empty() {
+        if let Some(learner) = self.membership.learners.first().map(|l| l.host) {
+            // A learner that never catches up (its host died, or left) would
+            // block every later replacement: remove it after a while.
+            let since = *self.learner_since.get_or_insert((learner, now));
+            if since.0 != learner {
+                self.learner_since = Some((learner, now));
+            } else if now.since(since.1) > REPLACEMENT_TIMEOUT.as_micros() as u64
+                && self.replica.is_leader()
+            {
+                tracing::warn!(%learner, "the new member did not catch up in time; removing it");
+                if let Err(e) = self
+                    .replica
+                    .reconfigure(now, MembershipChange::Remove(learner))
+                {
+                    tracing::debug!("cannot remove the learner yet: {e}");
+                }
+                self.learner_since = Some((learner, now));
+            }
             return;
         }
+        self.learner_since = None;
         let limit = self.cfg.replace_after_ms * 1000;
         // A member whose connections closed (its process died) and that stayed
         // silent for DOWN_REPLACE_AFTER is not coming back soon.
