@@ -301,12 +301,17 @@ impl Node {
                 self.remember_member(vp, member, from);
                 if let Some((host, contact)) = leader.filter(|(_, c)| self.believable(c)) {
                     self.vps.directory.learn(host, &contact);
+                    let known = self.vps.leaders.get(&vp).map(|(h, _)| *h) == Some(host);
                     self.vps.leaders.insert(vp, (host, contact));
                     self.vps.locating.remove(&vp);
                     for waiter in self.vps.leader_waiters.remove(&vp).unwrap_or_default() {
                         let _ = waiter.send(host);
                     }
-                    self.flush_outstanding(vp);
+                    // Every member answers a locate: only news of a leader
+                    // sends the waiting requests again.
+                    if !known {
+                        self.flush_outstanding(vp);
+                    }
                 }
             }
             VpWire::Request(req) => match self.vps.members.get(&req.vp) {

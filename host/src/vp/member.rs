@@ -512,6 +512,12 @@ impl Member {
             }
             return;
         }
+        // A retry of a request this leader already proposed: its slot will
+        // answer it (a leader that stops leading redirects all of `pending`).
+        if let Some(to) = self.pending.get_mut(&(req.client, req.seq)) {
+            *to = req.reply_to;
+            return;
+        }
         if self.pending.len() >= PENDING_REQUESTS_MAX {
             self.reply(
                 &req.reply_to,
