@@ -277,6 +277,23 @@ pub async fn failover(kills: usize, clients: usize) -> Result<FailoverReport> {
         )
         .await?;
         c.restart(victim).await?;
+        // A client uses a host that has joined the overlay (a host that has
+        // not cannot locate a virtual peer yet).
+        let restarted = &c.hosts[victim];
+        crate::local::poll(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || async {
+                restarted
+                    .status()
+                    .await
+                    .ok()
+                    .filter(|s| s.overlay.joined)
+                    .map(|_| ())
+            },
+        )
+        .await
+        .context("the restarted host did not rejoin the overlay")?;
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);

@@ -153,7 +153,8 @@ struct SpawnArgs {
     /// Fuel each message may use.
     #[arg(long, value_name = "F", default_value_t = GuestLimits::default().fuel_per_message)]
     fuel_per_message: u64,
-    /// Largest linear memory the app may grow to (suffixes K, M, G).
+    /// Largest linear memory the app may grow to (suffixes K, M, G; at most
+    /// 496M, so that a member can snapshot the whole guest).
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256M")]
     memory_max: u64,
     /// Replace a member the leader has not heard from for this long, ms.

@@ -561,6 +561,11 @@ impl Replica {
         self.leading.is_some()
     }
 
+    /// Running for election (phase 1), e.g. a leader re-running it in a new epoch.
+    pub fn is_candidate(&self) -> bool {
+        self.candidate.is_some()
+    }
+
     pub fn leader_hint(&self) -> Option<HostId> {
         if self.leading.is_some() {
             Some(self.cfg.id)

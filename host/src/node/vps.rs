@@ -600,12 +600,13 @@ impl Node {
             return;
         };
         o.attempts += 1;
-        // 100, 200, 400, then every 800 ms: a retry is safe (same session and
-        // sequence number), a lost request should not wait long.
+        // 100, 200, then every 300 ms: a retry is safe and cheap (same session
+        // and sequence number; a leader ignores a request it already
+        // proposed), and a request lost in a leader change should not wait.
         // Without a known leader, ask the members again soon (an election
         // takes tens of milliseconds).
         let backoff = if leader.is_some() {
-            Duration::from_millis(100 << (o.attempts - 1).min(3))
+            Duration::from_millis(100 * u64::from(o.attempts.min(3)))
         } else {
             LOCATE_RETRY
         };
@@ -1506,6 +1507,16 @@ pub(crate) fn check_config(config: &VpConfig) -> Result<(), String> {
     if config.limits.memory_bytes_max > 4 << 30 {
         return Err("memory limit above 4 GiB (the wasm32 maximum)".into());
     }
+    // A member must be able to checkpoint the whole guest (replacement moves
+    // it as one snapshot); leave room for the host's part of the image.
+    let snapshot_max = VpConfig::consensus_limits().snapshot_bytes_max;
+    if config.limits.memory_bytes_max + (16 << 20) > snapshot_max {
+        return Err(format!(
+            "memory limit of {} MiB: a virtual peer's guest may hold at most {} MiB, the largest snapshot a member takes",
+            config.limits.memory_bytes_max >> 20,
+            (snapshot_max >> 20) - 16
+        ));
+    }
     if config.timing.election_timeout_us < 10_000 || config.timing.heartbeat_interval_us == 0 {
         return Err("consensus timers out of range".into());
     }
@@ -1652,4 +1663,33 @@ pub async fn spawn_vp(
         .map_err(|_| "no leader was elected within 30 s".to_string())?
         .map_err(|_| "the host is shutting down".to_string())?;
     Ok((vp, voters, leader))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(memory_bytes_max: u64) -> VpConfig {
+        VpConfig {
+            vp: VpId(1),
+            name: None,
+            module: ModuleHash([0; 32]),
+            module_bytes: 1,
+            limits: crate::sandbox::GuestLimits {
+                memory_bytes_max,
+                ..crate::sandbox::GuestLimits::default()
+            },
+            members: 3,
+            timing: VpConfig::default_timing(),
+            replace_after_ms: 500,
+            checkpoint_every_slots: 1024,
+        }
+    }
+
+    #[test]
+    fn a_guest_larger_than_a_snapshot_is_refused() {
+        assert!(check_config(&config(256 << 20)).is_ok());
+        let err = check_config(&config(1 << 30)).unwrap_err();
+        assert!(err.contains("largest snapshot"), "{err}");
+    }
 }

@@ -257,6 +257,9 @@ pub fn start_member(
         grace_until: Time(0),
         down: HashMap::new(),
         learner_since: None,
+        locators: Vec::new(),
+        held: Vec::new(),
+        announced_leader: None,
         stopped: false,
         last_tick: Time(0),
     };
@@ -308,6 +311,11 @@ fn start_storage(
     Ok(tx)
 }
 
+/// Requests held while a leader re-runs phase 1.
+const HELD_REQUESTS_MAX: usize = 4096;
+/// Locators remembered, and for how long (`announce_leader`).
+const LOCATORS_MAX: usize = 64;
+const LOCATOR_TTL: Duration = Duration::from_secs(1);
 /// A voter whose connections closed is replaced after this much silence
 /// (instead of `replace_after_ms`, if that is longer).
 const DOWN_REPLACE_AFTER: Duration = Duration::from_millis(150);
@@ -349,6 +357,11 @@ struct Member {
     down: HashMap<HostId, Time>,
     /// The learner in the configuration, and since when this member saw it.
     learner_since: Option<(HostId, Time)>,
+    /// Requests that arrived while this leader re-ran phase 1.
+    held: Vec<Request>,
+    /// Hosts that asked who leads lately (`LOCATOR_TTL`), told when it changes.
+    locators: Vec<(PeerContact, u64, Time)>,
+    announced_leader: Option<HostId>,
     /// This host has appeared in an applied membership.
     was_member: bool,
     stopped: bool,
@@ -406,6 +419,13 @@ impl Member {
                 self.last_tick = now;
                 self.duties(now);
             }
+            self.announce_leader(now);
+            if !self.held.is_empty() && !self.replica.is_candidate() {
+                // Leading again (they are proposed), or not (they are redirected).
+                for req in std::mem::take(&mut self.held) {
+                    self.on_request(now, req);
+                }
+            }
             let started = self.now();
             self.drain();
             let took = self.now().since(started);
@@ -414,6 +434,30 @@ impl Member {
             }
         }
         tracing::info!("member stopped");
+    }
+
+    /// Tell recent locators about a new leader.
+    fn announce_leader(&mut self, now: Time) {
+        let hint = self.replica.leader_hint();
+        if hint == self.announced_leader {
+            return;
+        }
+        self.announced_leader = hint;
+        if hint.is_none() {
+            return;
+        }
+        let fresh = LOCATOR_TTL.as_micros() as u64;
+        self.locators.retain(|(_, _, t)| now.since(*t) < fresh);
+        let leader = self.leader_contact();
+        for (to, nonce, _) in std::mem::take(&mut self.locators) {
+            let msg = VpWire::Located {
+                vp: self.vp(),
+                nonce,
+                member: self.ctx.me,
+                leader: leader.clone(),
+            };
+            self.send_to_peer(&to, msg);
+        }
     }
 
     fn on_event(&mut self, event: MemberEvent) {
@@ -430,6 +474,13 @@ impl Member {
                 self.replica.suspect(now, host);
             }
             MemberEvent::Locate { nonce, reply_to } => {
+                // Remember who asked: when the leader changes soon after, they
+                // hear of it without asking again (a failover's clients).
+                self.locators.retain(|(c, _, _)| c.peer != reply_to.peer);
+                if self.locators.len() >= LOCATORS_MAX {
+                    self.locators.remove(0);
+                }
+                self.locators.push((reply_to.clone(), nonce, now));
                 let leader = self.leader_contact();
                 let msg = VpWire::Located {
                     vp: self.vp(),
@@ -488,6 +539,13 @@ impl Member {
     fn on_request(&mut self, now: Time, req: Request) {
         let sender = HostId(crate::node::overlay::host_id_of(&req.reply_to.peer).0);
         self.ctx.directory.learn(sender, &req.reply_to);
+        // A leader re-running phase 1 (a configuration change opened a new
+        // epoch) leads again in a moment: hold the request rather than send
+        // the client away with no leader to go to.
+        if self.leading && self.replica.is_candidate() && self.held.len() < HELD_REQUESTS_MAX {
+            self.held.push(req);
+            return;
+        }
         if !self.replica.is_leader() || self.guest.is_none() {
             let msg = VpWire::Redirect {
                 vp: self.vp(),
@@ -591,7 +649,12 @@ impl Member {
             } else {
                 tracing::info!(leader = ?self.replica.leader_hint(), "no longer leading");
                 // Tell waiting clients to go elsewhere now rather than time out.
-                for ((client, seq), to) in std::mem::take(&mut self.pending) {
+                let held: Vec<((ClientId, u64), PeerContact)> = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .map(|r| ((r.client, r.seq), r.reply_to))
+                    .collect();
+                for ((client, seq), to) in std::mem::take(&mut self.pending).into_iter().chain(held)
+                {
                     let msg = VpWire::Redirect {
                         vp: self.vp(),
                         client,

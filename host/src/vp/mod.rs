@@ -105,7 +105,7 @@ impl VpConfig {
             heartbeat_interval_us: 25_000,
             election_timeout_us: 400_000,
             election_jitter_us: 200_000,
-            leader_lease_us: 40_000,
+            leader_lease_us: 30_000,
             retry_us: 100_000,
             promote_lag_slots: 64,
             log_retain_slots: 256,
