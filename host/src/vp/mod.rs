@@ -94,8 +94,8 @@ impl VpConfig {
     }
 
     /// Timers for hosts on a LAN or loopback. A leader whose process dies
-    /// closes its connections; the survivors then elect a new one 85 ms after
-    /// its last word (`Replica::suspect`: lease 40 ms × 3/2, plus one heartbeat
+    /// closes its connections; the survivors then elect a new one 70 ms after
+    /// its last word (`Replica::suspect`: lease 30 ms × 3/2, plus one heartbeat
     /// interval of 25 ms). Without that hint (a machine or network failure)
     /// they wait the election timeout, 400 to 600 ms: generous, because a
     /// member thread that checkpoints a large guest is busy for a few hundred
