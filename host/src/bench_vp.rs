@@ -369,7 +369,7 @@ pub async fn replace(
                 if replacing.is_none() && (s.replacing.is_some() || !s.voters.contains(&dead)) {
                     replacing = Some(Instant::now());
                 }
-                if s.voters.len() == 3 && s.learners.is_empty() && !s.voters.contains(&dead) {
+                if s.is_whole(3, std::slice::from_ref(&dead)) {
                     break;
                 }
             }

@@ -312,11 +312,7 @@ async fn run_in(
                 ));
             replacement = Some(new);
         }
-        let done = s.voters.len() == options.members
-            && s.learners.is_empty()
-            && s.leader.is_some()
-            && !s.voters.contains(&victim);
-        if done {
+        if s.is_whole(options.members, std::slice::from_ref(&victim)) {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

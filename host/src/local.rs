@@ -401,11 +401,7 @@ impl LocalCluster {
             let last = &last;
             async move {
                 let s = self.any_vp_status(via, vp).await?;
-                let done = s.voters.len() == n
-                    && s.learners.is_empty()
-                    && s.leader.is_some()
-                    && !s.voters.iter().any(|v| excluded.contains(v));
-                if done {
+                if s.is_whole(n, excluded) {
                     return Some(s);
                 }
                 *last.borrow_mut() = Some(s);

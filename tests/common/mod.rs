@@ -84,18 +84,9 @@ pub async fn wait_for<T>(
 /// Poll the async `f` until it returns Some or `timeout` passes.
 pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
     timeout: std::time::Duration,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> Option<T> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    vp_host::local::poll(timeout, std::time::Duration::from_millis(100), f).await
 }
 
 /// Hosts on loopback, all joined through the first: `vp_host::local::LocalCluster`

@@ -547,13 +547,7 @@ impl Member {
             return;
         }
         if !self.replica.is_leader() || self.guest.is_none() {
-            let msg = VpWire::Redirect {
-                vp: self.vp(),
-                client: req.client,
-                seq: req.seq,
-                leader: self.leader_contact(),
-            };
-            self.send_to_peer(&req.reply_to, msg);
+            self.redirect(&req.reply_to, req.client, req.seq);
             return;
         }
         if req.read {
@@ -596,13 +590,7 @@ impl Member {
                 self.pending.insert((req.client, req.seq), req.reply_to);
             }
             Err(vp_consensus::ProposeError::NotLeader { .. }) => {
-                let msg = VpWire::Redirect {
-                    vp: self.vp(),
-                    client: req.client,
-                    seq: req.seq,
-                    leader: self.leader_contact(),
-                };
-                self.send_to_peer(&req.reply_to, msg);
+                self.redirect(&req.reply_to, req.client, req.seq);
             }
             Err(e) => self.reply(
                 &req.reply_to,
@@ -621,6 +609,17 @@ impl Member {
             result,
             leader: self.ctx.me,
         });
+        self.send_to_peer(to, msg);
+    }
+
+    /// Not the leader (any more): tell the client where to go, if we know.
+    fn redirect(&self, to: &PeerContact, client: ClientId, seq: u64) {
+        let msg = VpWire::Redirect {
+            vp: self.vp(),
+            client,
+            seq,
+            leader: self.leader_contact(),
+        };
         self.send_to_peer(to, msg);
     }
 
@@ -655,13 +654,7 @@ impl Member {
                     .collect();
                 for ((client, seq), to) in std::mem::take(&mut self.pending).into_iter().chain(held)
                 {
-                    let msg = VpWire::Redirect {
-                        vp: self.vp(),
-                        client,
-                        seq,
-                        leader: self.leader_contact(),
-                    };
-                    self.send_to_peer(&to, msg);
+                    self.redirect(&to, client, seq);
                 }
                 self.replacing = None;
             }
@@ -918,13 +911,7 @@ impl Member {
             }
             Apply::ReadAborted { id } => {
                 if let Some(req) = self.reads.remove(&id) {
-                    let msg = VpWire::Redirect {
-                        vp: self.vp(),
-                        client: req.client,
-                        seq: req.seq,
-                        leader: self.leader_contact(),
-                    };
-                    self.send_to_peer(&req.reply_to, msg);
+                    self.redirect(&req.reply_to, req.client, req.seq);
                 }
             }
         }

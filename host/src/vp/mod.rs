@@ -190,6 +190,17 @@ pub struct VpStatus {
     pub replacing: Option<String>,
 }
 
+impl VpStatus {
+    /// Back at full strength: `n` voters, none of them in `excluded`, a
+    /// leader, and no learner still copying state.
+    pub fn is_whole(&self, n: usize, excluded: &[String]) -> bool {
+        self.voters.len() == n
+            && self.learners.is_empty()
+            && self.leader.is_some()
+            && !self.voters.iter().any(|v| excluded.contains(v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
