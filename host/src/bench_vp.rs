@@ -70,6 +70,9 @@ pub struct CommitReport {
     pub peak_msgs_per_s: f64,
     pub peak_p50_ms: f64,
     pub peak_p99_ms: f64,
+    /// Messages per decided slot in the closed-loop phase (the leader's
+    /// batching: one slot is one accept round and one fsync on each member).
+    pub peak_msgs_per_slot: f64,
     /// Open loop at a quarter of the peak rate.
     pub quarter_msgs_per_s: f64,
     pub quarter_p50_ms: f64,
@@ -142,7 +145,9 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
     let via = c.index_of(&leader).context("leader not running")?;
     // Warm up (connections, JIT of nothing: the guest is compiled at deploy).
     let _ = load(&c, via, &vp, clients, bytes, 1.0, None).await;
+    let slots_before = c.vp_status(via, &vp).await?.decided_below;
     let (n, lat, e1) = load(&c, via, &vp, clients, bytes, seconds, None).await;
+    let slots = c.vp_status(via, &vp).await?.decided_below - slots_before;
     let peak = n as f64 / seconds;
     let (qn, qlat, e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
     let report = CommitReport {
@@ -154,6 +159,7 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
         peak_msgs_per_s: peak,
         peak_p50_ms: percentile(&lat, 0.5),
         peak_p99_ms: percentile(&lat, 0.99),
+        peak_msgs_per_slot: n as f64 / slots.max(1) as f64,
         quarter_msgs_per_s: qn as f64 / seconds,
         quarter_p50_ms: percentile(&qlat, 0.5),
         quarter_p99_ms: percentile(&qlat, 0.99),

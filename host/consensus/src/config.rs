@@ -18,6 +18,10 @@ pub struct Limits {
     pub queue_bytes_max: usize,
     /// Pipeline window: slots proposed but not yet decided.
     pub window_slots_max: u64,
+    /// Client batches the leader proposed that are not yet durable on its own
+    /// disk. Beyond it, commands queue and join the next batch: batches grow
+    /// with the load (one per disk write), an idle leader proposes at once.
+    pub batches_writing_max: usize,
     /// Entries in one promise page.
     pub promise_entries_max: usize,
     /// Entries in one catch-up message.
@@ -53,6 +57,7 @@ impl Default for Limits {
             queue_commands_max: 100_000,
             queue_bytes_max: 64 << 20,
             window_slots_max: 32,
+            batches_writing_max: 2,
             promise_entries_max: 256,
             catchup_entries_max: 256,
             catchup_bytes_max: 4 << 20,

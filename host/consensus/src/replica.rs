@@ -275,6 +275,9 @@ struct Leading {
     last_heartbeat: Time,
     lease_until: Time,
     read_round_wanted: bool,
+    /// Persist tokens of the client batches this leader proposed that may not
+    /// be durable yet (`Limits::batches_writing_max`).
+    batches_writing: VecDeque<u64>,
 }
 
 #[derive(Debug)]
@@ -1589,6 +1592,7 @@ impl Replica {
             last_heartbeat: self.now,
             lease_until: Time(0),
             read_round_wanted: false,
+            batches_writing: VecDeque::new(),
         });
         self.leader_hint = Some(self.cfg.id);
         self.last_leader_contact = Some(self.now);
@@ -1665,7 +1669,14 @@ impl Replica {
                 self.propose_slot(slot, Value::Reconfigure(Arc::new(m)));
                 return;
             }
-            if l.queue.is_empty() {
+            while l
+                .batches_writing
+                .front()
+                .is_some_and(|t| *t <= self.durable_token)
+            {
+                l.batches_writing.pop_front();
+            }
+            if l.queue.is_empty() || l.batches_writing.len() >= limits.batches_writing_max.max(1) {
                 return;
             }
             let mut commands = Vec::new();
@@ -1691,6 +1702,10 @@ impl Replica {
                 entropy: self.rng.next_u64(),
             };
             self.propose_slot(slot, Value::Batch(Arc::new(Batch { stamp, commands })));
+            let token = self.last_sync_token;
+            if let Some(l) = &mut self.leading {
+                l.batches_writing.push_back(token);
+            }
         }
     }
 
@@ -2228,9 +2243,19 @@ impl Replica {
     // ----- snapshots -------------------------------------------------------------------
 
     fn start_snapshot_send(&mut self, to: HostId) {
-        if let Some(s) = self.snap_out.get(&to)
+        let retry = self.cfg.timing.retry_us;
+        let now = self.now;
+        if let Some(s) = self.snap_out.get_mut(&to)
             && s.file.slot == self.snapshot.slot
         {
+            // The receiver asks again: if nothing moved for a retry interval,
+            // a chunk was lost (or arrived out of order and was dropped), so
+            // send again from what it acknowledged.
+            if now.since(s.last_progress) >= retry {
+                s.next_offset = s.acked;
+                s.last_progress = now;
+                self.pump_snapshot(to);
+            }
             return;
         }
         let cap = self.limits().voters_max + self.limits().learners_max;

@@ -19,6 +19,7 @@ use crate::rng::Rng;
 use crate::types::{Bytes, Slot};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A storage failure. The replica's state is then unknown to the disk: the caller must
@@ -206,8 +207,12 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"vpsnap01";
 /// latest snapshot (`snapshot`).
 ///
 /// Log framing: `[len: u32 LE][crc32c(payload): u32 LE][payload: postcard Record]`.
-/// Recovery reads frames until the first short or corrupt one, then truncates the file
-/// there (a torn tail from a crash), so later appends follow the last good record.
+/// The file is extended with zeros [`LOG_PREALLOCATE_BYTES`] at a time ahead of the
+/// records, so a sync after an append writes the data only, not the file's size
+/// too (half the cost of an `fdatasync` on ext4). A zero frame (length 0, checksum
+/// 0, no record) ends the log. Recovery reads frames until the first short,
+/// corrupt or zero one, then cuts the file there (a torn tail from a crash, or the
+/// unused zeros), so later appends follow the last good record.
 /// Snapshot file: `[magic][len: u64 LE][crc32c: u32 LE][image]`, written to
 /// `snapshot.tmp`, fsynced, renamed over `snapshot`, and the directory fsynced.
 #[derive(Debug)]
@@ -215,7 +220,14 @@ pub struct FileStore {
     dir: PathBuf,
     log: File,
     buf: Vec<u8>,
+    /// Where the next record goes: the end of the intact records.
+    end: u64,
+    /// The log file's length (`end` plus zeros).
+    allocated: u64,
 }
+
+/// Zeros the log file is extended by when records reach its end.
+pub const LOG_PREALLOCATE_BYTES: u64 = 4 << 20;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
@@ -254,7 +266,8 @@ pub fn parse_log(data: &[u8]) -> (Vec<Record>, usize) {
         let Some(end) = (pos + 8).checked_add(len) else {
             break;
         };
-        if len > RECORD_BYTES_MAX || end > data.len() {
+        // A zero length is the preallocated tail (no record encodes to nothing).
+        if len == 0 || len > RECORD_BYTES_MAX || end > data.len() {
             break;
         }
         let payload = &data[pos + 8..end];
@@ -296,22 +309,42 @@ pub fn parse_snapshot_file(data: &[u8]) -> Option<&[u8]> {
 }
 
 impl FileStore {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the store in `dir`. New records go after the
+    /// intact ones already in the log.
     pub fn open(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join("log");
         let log = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .read(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        Ok(FileStore {
+        let mut store = FileStore {
             dir,
             log,
             buf: Vec::new(),
-        })
+            end: 0,
+            allocated: 0,
+        };
+        let (_, good, len) = store.read_log()?;
+        store.end = good as u64;
+        store.allocated = len;
+        if store.end < len {
+            store.cut()?;
+        }
+        Ok(store)
+    }
+
+    /// Cut the log after its intact records (dropping a torn tail and unused zeros).
+    fn cut(&mut self) -> Result<(), StorageError> {
+        let path = self.log_path();
+        self.log.set_len(self.end).map_err(io_err(&path))?;
+        self.log.sync_all().map_err(io_err(&path))?;
+        self.allocated = self.end;
+        Ok(())
     }
 
     fn log_path(&self) -> PathBuf {
@@ -348,7 +381,22 @@ impl Storage for FileStore {
             frame_record(r, &mut self.buf)?;
         }
         let path = self.log_path();
-        self.log.write_all(&self.buf).map_err(io_err(&path))
+        let needed = self.end + self.buf.len() as u64;
+        if needed > self.allocated {
+            // Zeros up to the next whole step past the new records; the sync
+            // that follows makes the new length durable once for many appends.
+            let target = needed.div_ceil(LOG_PREALLOCATE_BYTES) * LOG_PREALLOCATE_BYTES;
+            let zeros = vec![0u8; (target - self.allocated) as usize];
+            self.log
+                .write_all_at(&zeros, self.allocated)
+                .map_err(io_err(&path))?;
+            self.allocated = target;
+        }
+        self.log
+            .write_all_at(&self.buf, self.end)
+            .map_err(io_err(&path))?;
+        self.end = needed;
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
@@ -370,20 +418,23 @@ impl Storage for FileStore {
         self.write_atomically("log", &data)?;
         let path = self.log_path();
         self.log = OpenOptions::new()
-            .append(true)
+            .write(true)
             .read(true)
             .open(&path)
             .map_err(io_err(&path))?;
+        self.end = data.len() as u64;
+        self.allocated = self.end;
         Ok(())
     }
 
     fn load(&mut self) -> Result<Recovered, StorageError> {
         let (records, good, len) = self.read_log()?;
-        if (good as u64) < len {
-            // A torn or corrupt tail: cut it off so new records follow intact ones.
-            let path = self.log_path();
-            self.log.set_len(good as u64).map_err(io_err(&path))?;
-            self.log.sync_all().map_err(io_err(&path))?;
+        self.end = good as u64;
+        self.allocated = len;
+        if self.end < len {
+            // A torn or corrupt tail, or unused zeros: cut it off so new records
+            // follow intact ones.
+            self.cut()?;
         }
         let snap_path = self.dir.join("snapshot");
         let snapshot = match fs::read(&snap_path) {

@@ -197,22 +197,25 @@ fn promises_and_votes_wait_for_durability() {
 }
 
 #[test]
-fn commands_queued_behind_a_full_window_go_out_in_one_batch() {
-    let limits = Limits {
-        window_slots_max: 2,
-        ..Limits::default()
-    };
-    let mut net = Net::new(3, limits);
-    net.elect(1);
-    // Nothing is delivered while the ten commands arrive: the first two fill the
-    // window, one slot each (no waiting when idle); the other eight queue.
-    for seq in 0..10 {
-        net.put(1, 7, seq).expect("leader");
+fn commands_queued_while_the_leader_writes_go_out_in_one_batch() {
+    for (writing, sizes) in [(1, vec![1, 9]), (2, vec![1, 1, 8])] {
+        let limits = Limits {
+            batches_writing_max: writing,
+            ..Limits::default()
+        };
+        let mut net = Net::new(3, limits);
+        net.elect(1);
+        // Nothing is persisted or delivered while the ten commands arrive: the
+        // first `writing` go out at once in slots of their own (no waiting when
+        // idle); the others wait for a write to finish and share one slot.
+        for seq in 0..10 {
+            net.put(1, 7, seq).expect("leader");
+        }
+        net.settle();
+        net.heartbeat();
+        assert_eq!(net.batch_sizes(1), sizes);
+        assert_eq!(net.batch_sizes(2), sizes);
     }
-    net.settle();
-    net.heartbeat();
-    assert_eq!(net.batch_sizes(1), vec![1, 1, 8]);
-    assert_eq!(net.batch_sizes(2), vec![1, 1, 8]);
 }
 
 #[test]
@@ -801,7 +804,9 @@ fn file_store_survives_a_restart_of_the_whole_group() {
                 decided,
                 "the leader's own decisions are on disk"
             );
-            assert_eq!(decided, Slot(21));
+            // Slot 0 is the election's; the first two commands went out alone
+            // and the other 18 queued behind their writes into one batch.
+            assert_eq!(decided, Slot(4));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

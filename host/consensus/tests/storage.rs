@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use vp_consensus::rng::Rng;
+use vp_consensus::storage::{frame_record, parse_log};
 use vp_consensus::{
     Ballot, Bytes, Epoch, FaultStore, FileStore, HostId, MemStore, PersistBatch, Record, Slot,
     SnapshotFile, Storage, StorageError, Value,
@@ -45,6 +46,44 @@ fn file_store_round_trips_records() {
 }
 
 #[test]
+fn the_log_is_preallocated_and_its_zero_tail_is_not_a_record() {
+    let dir = temp_dir("prealloc");
+    let mut s = FileStore::open(&dir).expect("open");
+    s.append(&[accept(1), accept(2)]).expect("append");
+    s.sync().expect("sync");
+    let log = dir.join("log");
+    let len = std::fs::metadata(&log).expect("meta").len();
+    assert_eq!(len, vp_consensus::storage::LOG_PREALLOCATE_BYTES);
+    let data = std::fs::read(&log).expect("read");
+    let (records, end) = parse_log(&data);
+    assert_eq!(records, vec![accept(1), accept(2)]);
+    assert!(data[end..].iter().all(|b| *b == 0));
+    // Appends fill the zeros; the file grows one step at a time.
+    let big = Record::Accept {
+        slot: Slot(3),
+        ballot: ballot(1),
+        value: Value::Batch(std::sync::Arc::new(vp_consensus::Batch {
+            stamp: Default::default(),
+            commands: vec![vp_consensus::Command {
+                client: vp_consensus::ClientId(1),
+                seq: 1,
+                ack_below: 0,
+                payload: Bytes::from(vec![7u8; 5 << 20]),
+            }],
+        })),
+    };
+    s.append(std::slice::from_ref(&big)).expect("append");
+    s.append(&[accept(4)]).expect("append");
+    s.sync().expect("sync");
+    let len = std::fs::metadata(&log).expect("meta").len();
+    assert_eq!(len, 2 * vp_consensus::storage::LOG_PREALLOCATE_BYTES);
+    drop(s);
+    let mut s = FileStore::open(&dir).expect("reopen");
+    let got = s.load().expect("load").records;
+    assert_eq!(got, vec![accept(1), accept(2), big, accept(4)]);
+}
+
+#[test]
 fn recovery_stops_cleanly_at_a_torn_tail_and_appends_after_it() {
     let dir = temp_dir("torn");
     let mut s = FileStore::open(&dir).expect("open");
@@ -52,11 +91,11 @@ fn recovery_stops_cleanly_at_a_torn_tail_and_appends_after_it() {
         .expect("append");
     s.sync().expect("sync");
     drop(s);
-    // A crash mid-write leaves half a frame.
+    // A crash mid-write leaves half a frame where the zeros began.
     let log = dir.join("log");
     let mut data = std::fs::read(&log).expect("read");
-    let whole = data.len();
-    data.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
+    let (_, whole) = parse_log(&data);
+    data[whole..whole + 7].copy_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
     std::fs::write(&log, &data).expect("write");
 
     let mut s = FileStore::open(&dir).expect("reopen");
@@ -64,7 +103,7 @@ fn recovery_stops_cleanly_at_a_torn_tail_and_appends_after_it() {
     assert_eq!(
         std::fs::metadata(&log).expect("meta").len() as usize,
         whole,
-        "torn tail cut off"
+        "torn tail and zeros cut off"
     );
     s.append(&[accept(4)]).expect("append");
     s.sync().expect("sync");
@@ -77,7 +116,9 @@ fn recovery_stops_at_a_corrupt_record() {
     let dir = temp_dir("corrupt");
     let mut s = FileStore::open(&dir).expect("open");
     s.append(&[accept(1)]).expect("append");
-    let first = std::fs::metadata(dir.join("log")).expect("meta").len() as usize;
+    let mut frame = Vec::new();
+    frame_record(&accept(1), &mut frame).expect("frame");
+    let first = frame.len();
     s.append(&[accept(2), accept(3)]).expect("append");
     s.sync().expect("sync");
     drop(s);

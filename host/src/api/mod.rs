@@ -165,11 +165,27 @@ pub fn default_data_dir() -> PathBuf {
     home.join(".local/share/vp-host")
 }
 
-/// A client of a running daemon's control API.
-#[derive(Clone, Debug)]
+/// Idle connections a client keeps open to its daemon.
+pub const API_IDLE_CONNECTIONS_MAX: usize = 256;
+
+type Connection = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A client of a running daemon's control API. Clones share a pool of
+/// kept-alive connections, so a client sending many requests (a benchmark,
+/// the demo) does not pay a TCP handshake for each.
+#[derive(Clone)]
 pub struct ApiClient {
     addr: SocketAddr,
     token: String,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("addr", &self.addr)
+            .finish()
+    }
 }
 
 impl ApiClient {
@@ -196,7 +212,11 @@ impl ApiClient {
                 String::from_utf8_lossy(&bytes).trim().to_string()
             }
         };
-        Ok(ApiClient { addr, token })
+        Ok(ApiClient {
+            addr,
+            token,
+            idle: Default::default(),
+        })
     }
 
     /// The daemon's address.
@@ -227,7 +247,7 @@ impl ApiClient {
         body: Vec<u8>,
         mut on_line: impl FnMut(&str),
     ) -> Result<()> {
-        let response = self
+        let (response, _) = self
             .request(hyper::Method::POST, path, Bytes::from(body))
             .await?;
         let status = response.status();
@@ -254,25 +274,15 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Send one request, on an idle kept-alive connection if there is one
+    /// (else a new one). Returns the connection with the answer; give it back
+    /// with [`ApiClient::keep`] once the answer's body is read.
     async fn request(
         &self,
         method: hyper::Method,
         path: &str,
         body: Bytes,
-    ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        let stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "no daemon at {}: {e}; start one with `vp-host join`",
-                    self.addr
-                )
-            })?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, Connection)> {
         let request = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -280,7 +290,28 @@ impl ApiClient {
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))?;
-        tokio::time::timeout(API_TIMEOUT, sender.send_request(request))
+        let exchange = async {
+            let mut request = request;
+            // An idle connection the daemon closed meanwhile gives the request
+            // back unsent; then the next one (or a new connection) takes it.
+            loop {
+                let mut sender = match self.idle() {
+                    Some(sender) => sender,
+                    None => self.connect().await?,
+                };
+                if sender.ready().await.is_err() {
+                    continue;
+                }
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok((response, sender)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(anyhow::Error::from(e.into_error())),
+                    },
+                }
+            }
+        };
+        tokio::time::timeout(API_TIMEOUT, exchange)
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
@@ -289,7 +320,43 @@ impl ApiClient {
                     API_TIMEOUT
                 )
             })?
-            .map_err(Into::into)
+    }
+
+    /// An idle kept-alive connection that is still open.
+    fn idle(&self) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keep a connection whose last answer was read, for the next request.
+    fn keep(&self, sender: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < API_IDLE_CONNECTIONS_MAX && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no daemon at {}: {e}; start one with `vp-host join`",
+                    self.addr
+                )
+            })?;
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     async fn call<T: DeserializeOwned>(
@@ -298,9 +365,10 @@ impl ApiClient {
         path: &str,
         body: Bytes,
     ) -> Result<T> {
-        let response = self.request(method, path, body).await?;
+        let (response, sender) = self.request(method, path, body).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
+        self.keep(sender);
         if !status.is_success() {
             bail!("{}", error_message(&bytes));
         }
