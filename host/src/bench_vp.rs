@@ -80,9 +80,14 @@ pub struct CommitReport {
     pub errors: u64,
 }
 
-/// Run `clients` clients against `vp` through host `via` for `seconds`; with
-/// `rate` (messages/s over all clients), each client paces itself (open loop,
-/// latency counted from the scheduled send time), else sends back to back.
+/// Run `clients` clients against `vp` through host `via` for `seconds`.
+/// Closed loop (`rate` None): every client sends as soon as its last reply
+/// came. Open loop (`rate`: messages/s over all clients): a pacer thread
+/// releases sends on a fixed schedule, any idle client takes the next one,
+/// and latency counts from the scheduled time (a send that waits for a free
+/// client counts the wait). The pacer sleeps on the OS clock, not on tokio's
+/// timer, whose millisecond ticks would add up to a millisecond to each
+/// figure.
 async fn load(
     c: &Arc<LocalCluster>,
     via: usize,
@@ -93,25 +98,38 @@ async fn load(
     rate: Option<f64>,
 ) -> (u64, Vec<f64>, u64) {
     let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let schedule = rate.map(|r| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Instant>(clients.max(1) * 4);
+        let interval = Duration::from_secs_f64(1.0 / r);
+        std::thread::spawn(move || {
+            let mut next = Instant::now();
+            while next < end {
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.blocking_send(next).is_err() {
+                    return;
+                }
+                next += interval;
+            }
+        });
+        Arc::new(tokio::sync::Mutex::new(rx))
+    });
     let mut tasks = Vec::new();
-    for k in 0..clients {
-        let (c, vp) = (c.clone(), vp.to_string());
+    for _ in 0..clients {
+        let (c, vp, schedule) = (c.clone(), vp.to_string(), schedule.clone());
         let msg = note(bytes);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
-            let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
-            let mut next = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| i.mul_f64(k as f64 / clients as f64));
-            while Instant::now() < end {
-                let start = match interval {
-                    Some(i) => {
-                        tokio::time::sleep_until(next.into()).await;
-                        let s = next;
-                        next += i;
-                        s
-                    }
-                    None => Instant::now(),
+            loop {
+                let start = match &schedule {
+                    Some(rx) => match rx.lock().await.recv().await {
+                        Some(at) => at,
+                        None => break,
+                    },
+                    None if Instant::now() < end => Instant::now(),
+                    None => break,
                 };
                 match c.send(via, &vp, msg.clone(), false).await {
                     Ok(a) if a.error.is_none() => lat.push(start.elapsed().as_secs_f64() * 1e3),

@@ -312,13 +312,20 @@ pub struct Net<M> {
     inner: Arc<Inner>,
     /// The node's own event queue, for messages from this host to itself.
     local: mpsc::Sender<NetEvent<M>>,
+    /// Set once by the node: see [`Net::set_route`].
+    route: Arc<std::sync::OnceLock<Route<M>>>,
 }
+
+/// Takes an inbound message on the reader's task, before the node's event
+/// queue, and gives it back (`Some`) if the node should handle it after all.
+pub type Route<M> = Arc<dyn Fn(PeerId, M) -> Option<M> + Send + Sync>;
 
 impl<M> Clone for Net<M> {
     fn clone(&self) -> Self {
         Net {
             inner: self.inner.clone(),
             local: self.local.clone(),
+            route: self.route.clone(),
         }
     }
 }
@@ -439,18 +446,29 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
             Arc::downgrade(&inner),
             private,
         ));
+        let route = Arc::new(std::sync::OnceLock::new());
         tokio::spawn(accept_task::<M>(
             incoming,
             events.clone(),
             Arc::downgrade(&inner),
+            route.clone(),
         ));
         Ok((
             Net {
                 inner,
                 local: events,
+                route,
             },
             event_rx,
         ))
+    }
+
+    /// Route inbound messages on the readers' tasks before they reach the
+    /// node's event queue (the node hands consensus messages straight to
+    /// member threads: they do not wait behind API requests). Set once; a
+    /// second call is ignored.
+    pub fn set_route(&self, route: Route<M>) {
+        let _ = self.route.set(route);
     }
 
     /// This host's peer id.
@@ -677,9 +695,16 @@ async fn accept_task<M: DeserializeOwned + Send + 'static>(
     mut incoming: libp2p_stream::IncomingStreams,
     events: mpsc::Sender<NetEvent<M>>,
     inner: std::sync::Weak<Inner>,
+    route: Arc<std::sync::OnceLock<Route<M>>>,
 ) {
     while let Some((peer, stream)) = incoming.next().await {
-        tokio::spawn(reader_task(peer, stream, events.clone(), inner.clone()));
+        tokio::spawn(reader_task(
+            peer,
+            stream,
+            events.clone(),
+            inner.clone(),
+            route.clone(),
+        ));
     }
 }
 
@@ -688,6 +713,7 @@ async fn reader_task<M: DeserializeOwned + Send + 'static>(
     mut stream: libp2p::Stream,
     events: mpsc::Sender<NetEvent<M>>,
     inner: std::sync::Weak<Inner>,
+    route: Arc<std::sync::OnceLock<Route<M>>>,
 ) {
     let span = tracing::debug_span!("stream", %peer);
     let _guard = span.enter();
@@ -698,6 +724,13 @@ async fn reader_task<M: DeserializeOwned + Send + 'static>(
                 if let Some(inner) = inner.upgrade() {
                     inner.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                 }
+                let msg = match route.get() {
+                    Some(route) => match route(peer, msg) {
+                        Some(msg) => msg,
+                        None => continue,
+                    },
+                    None => msg,
+                };
                 if events
                     .send(NetEvent::Message { from: peer, msg })
                     .await

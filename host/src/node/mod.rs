@@ -164,6 +164,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     };
     let (internal_tx, mut internal_rx) = mpsc::channel(64);
     node.internal = internal_tx;
+    let (senders, directory) = (node.vps.members.senders(), node.vps.directory.clone());
+    node.net
+        .set_route(std::sync::Arc::new(move |from, msg| match msg {
+            Wire::Paxos { vp, msg } => match senders.get(&vp) {
+                Some(member) => {
+                    vps::deliver_paxos(&directory, member.value(), vp, from, msg);
+                    None
+                }
+                // Not (yet) a member: the node's queue keeps it in order behind
+                // the deployment that may be on its way.
+                None => Some(Wire::Paxos { vp, msg }),
+            },
+            other => Some(other),
+        }));
     let (api_tx, mut api_rx) = mpsc::channel(API_QUEUE_MAX);
     crate::api::serve(node.cfg.api, &node.cfg.data_dir, api::router(api_tx)).await?;
     tracing::info!(peer_id = %local, host_id = %node.me.host, addrs = ?addrs, "host started");

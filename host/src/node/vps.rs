@@ -5,6 +5,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+
+use dashmap::DashMap;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -101,12 +104,77 @@ struct Fetch {
     deadline: Instant,
 }
 
+/// The member threads on this host, by virtual peer. Their queues are also
+/// in a concurrent map the network's reader tasks use to hand consensus
+/// messages straight to the member (`Net::set_route`), so those never wait
+/// behind API requests in the node's own queue.
+#[derive(Debug, Default)]
+pub struct Members {
+    handles: HashMap<VpId, MemberHandle>,
+    senders: Arc<DashMap<VpId, SyncSender<MemberEvent>>>,
+}
+
+impl std::ops::Deref for Members {
+    type Target = HashMap<VpId, MemberHandle>;
+    fn deref(&self) -> &Self::Target {
+        &self.handles
+    }
+}
+
+impl Members {
+    pub fn insert(&mut self, vp: VpId, handle: MemberHandle) {
+        self.senders.insert(vp, handle.sender());
+        self.handles.insert(vp, handle);
+    }
+
+    pub fn remove(&mut self, vp: &VpId) -> Option<MemberHandle> {
+        self.senders.remove(vp);
+        self.handles.remove(vp)
+    }
+
+    pub fn drain(&mut self) -> impl Iterator<Item = (VpId, MemberHandle)> + '_ {
+        self.senders.clear();
+        self.handles.drain()
+    }
+
+    /// The queues by virtual peer, kept in step with the handles.
+    pub fn senders(&self) -> Arc<DashMap<VpId, SyncSender<MemberEvent>>> {
+        self.senders.clone()
+    }
+}
+
+/// Hand a consensus message from `from` to a member thread's queue (from
+/// the node or straight from a reader task), learning the sender's contact.
+pub fn deliver_paxos(
+    directory: &Directory,
+    member: &SyncSender<MemberEvent>,
+    vp: VpId,
+    from: libp2p::PeerId,
+    msg: vp_consensus::Message,
+) {
+    let host = consensus_host(host_id_of(&from));
+    if directory.get(host).is_none_or(|c| c.peer != from) {
+        directory.learn(
+            host,
+            &PeerContact {
+                peer: from,
+                addrs: Vec::new(),
+            },
+        );
+    }
+    if let Err(std::sync::mpsc::TrySendError::Full(_)) =
+        member.try_send(MemberEvent::Paxos { from: host, msg })
+    {
+        tracing::warn!(%vp, "member queue full; consensus message dropped");
+    }
+}
+
 /// Everything the node keeps about virtual peers.
 pub struct VpNode {
     pub sandbox: Arc<Sandbox>,
     pub modules: ModuleStore,
     pub directory: Directory,
-    pub members: HashMap<VpId, MemberHandle>,
+    pub members: Members,
     pub member_tx: mpsc::Sender<MemberOutput>,
     outstanding: HashMap<(VpId, ClientId, u64), Outstanding>,
     leaders: HashMap<VpId, (HostId, PeerContact)>,
@@ -138,7 +206,7 @@ impl VpNode {
             sandbox,
             modules,
             directory: Directory::default(),
-            members: HashMap::new(),
+            members: Members::default(),
             member_tx,
             outstanding: HashMap::new(),
             leaders: HashMap::new(),
@@ -265,18 +333,8 @@ impl Node {
     // ---- frames ----------------------------------------------------------------------
 
     pub(super) fn on_paxos(&mut self, from: libp2p::PeerId, vp: VpId, msg: vp_consensus::Message) {
-        let host = consensus_host(host_id_of(&from));
-        self.vps.directory.learn(
-            host,
-            &PeerContact {
-                peer: from,
-                addrs: Vec::new(),
-            },
-        );
-        match self.vps.members.get(&vp) {
-            Some(m) => {
-                m.send(MemberEvent::Paxos { from: host, msg });
-            }
+        match self.vps.members.senders().get(&vp) {
+            Some(member) => deliver_paxos(&self.vps.directory, member.value(), vp, from, msg),
             None => {
                 tracing::trace!(%vp, %from, "consensus message for a virtual peer this host is not in")
             }

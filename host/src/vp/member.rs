@@ -139,6 +139,12 @@ impl MemberHandle {
         }
     }
 
+    /// The thread's queue, for those that hand it events without the node
+    /// (`node::vps::Members`).
+    pub fn sender(&self) -> SyncSender<MemberEvent> {
+        self.tx.clone()
+    }
+
     /// Stop the thread and wait for it.
     pub fn stop(mut self) {
         let _ = self.tx.send(MemberEvent::Stop);
