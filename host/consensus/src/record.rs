@@ -126,6 +126,12 @@ pub struct PersistBatch {
     pub must_sync: bool,
     pub snapshot: Option<SnapshotFile>,
     pub compact_below: Option<Slot>,
+    /// The snapshot is a checkpoint of state the log still holds (not one
+    /// received from another replica): storage may acknowledge this batch
+    /// before the snapshot is durable, and write it meanwhile, provided it
+    /// compacts the log only once the snapshot is durable. A large checkpoint
+    /// then does not hold up the votes queued behind it.
+    pub snapshot_may_lag: bool,
 }
 
 /// What storage hands back on restart.

@@ -370,6 +370,8 @@ pub struct Replica {
     pending_records: Vec<Record>,
     pending_sync: bool,
     pending_snapshot: Option<SnapshotFile>,
+    /// `pending_snapshot` is our own checkpoint (`PersistBatch::snapshot_may_lag`).
+    pending_snapshot_is_checkpoint: bool,
     pending_compact: Option<Slot>,
     next_token: u64,
     last_sync_token: u64,
@@ -442,6 +444,7 @@ impl Replica {
             pending_records: Vec::new(),
             pending_sync: false,
             pending_snapshot: None,
+            pending_snapshot_is_checkpoint: false,
             pending_compact: None,
             next_token: 1,
             last_sync_token: 0,
@@ -1124,6 +1127,7 @@ impl Replica {
             .max(self.log.start);
         self.log.truncate_below(compact);
         self.pending_snapshot = Some(file);
+        self.pending_snapshot_is_checkpoint = true;
         self.pending_compact = Some(Slot(compact));
         Ok(())
     }
@@ -1161,6 +1165,8 @@ impl Replica {
             token,
             records: std::mem::take(&mut self.pending_records),
             must_sync: std::mem::take(&mut self.pending_sync) || self.pending_snapshot.is_some(),
+            snapshot_may_lag: self.pending_snapshot.is_some()
+                && std::mem::take(&mut self.pending_snapshot_is_checkpoint),
             snapshot: self.pending_snapshot.take(),
             compact_below: self.pending_compact.take(),
         })
@@ -2299,7 +2305,7 @@ impl Replica {
                 digest: s.file.digest,
                 total_bytes: total,
                 offset: start,
-                data: Bytes::from(&s.file.image[start as usize..end as usize]),
+                data: s.file.image.slice(start as usize..end as usize),
             });
             s.next_offset = end;
             if end >= total {
@@ -2373,11 +2379,14 @@ impl Replica {
             if !switch {
                 return;
             }
+            // Room for the whole image at once (`total` is within
+            // `snapshot_bytes_max`): growing by doubling would copy it again
+            // and again.
             self.snap_in = Some(SnapIn {
                 slot,
                 digest,
                 total,
-                buf: Vec::new(),
+                buf: Vec::with_capacity(total as usize),
                 last_progress: now,
             });
         }
@@ -2442,6 +2451,7 @@ impl Replica {
         self.snapshot = file.clone();
         if persist {
             self.pending_snapshot = Some(file);
+            self.pending_snapshot_is_checkpoint = false;
             self.pending_compact = Some(Slot(img.slot.0 + 1));
         }
         self.pending_install = Some(img);

@@ -362,16 +362,32 @@ impl FileStore {
     }
 
     fn write_atomically(&self, name: &str, data: &[u8]) -> Result<(), StorageError> {
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let dst = self.dir.join(name);
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(data).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
-        fsync_dir(&self.dir)
+        write_atomically(&self.dir, name, data)
     }
+
+    /// A writer of this store's snapshot file that can run on another thread
+    /// while this store goes on appending (see `PersistBatch::snapshot_may_lag`;
+    /// the caller compacts only after it returned).
+    pub fn snapshot_writer(
+        &self,
+    ) -> impl FnOnce(&SnapshotFile) -> Result<(), StorageError> + Send + use<> {
+        let dir = self.dir.clone();
+        move |snap| write_atomically(&dir, "snapshot", &encode_snapshot_file(&snap.image))
+    }
+}
+
+/// Write `data` to `dir/name` through a synced temporary file, a rename and
+/// a synced directory: afterwards the file holds the old data or the new, whole.
+fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<(), StorageError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    {
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(data).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+    fsync_dir(dir)
 }
 
 impl Storage for FileStore {

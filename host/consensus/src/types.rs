@@ -99,13 +99,14 @@ impl fmt::Display for Ballot {
     }
 }
 
-/// Immutable shared bytes: cloning a batch for several replicas does not copy payloads.
+/// Immutable shared bytes: cloning a batch for several replicas does not copy payloads,
+/// and taking a `Vec` (an encoded image, a decoded message) does not copy it either.
 /// Serialised as a byte string (not an array of integers).
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct Bytes(Arc<[u8]>);
+pub struct Bytes(bytes::Bytes);
 
 impl Bytes {
-    pub fn new(data: impl Into<Arc<[u8]>>) -> Bytes {
+    pub fn new(data: impl Into<bytes::Bytes>) -> Bytes {
         Bytes(data.into())
     }
     pub fn len(&self) -> usize {
@@ -117,9 +118,13 @@ impl Bytes {
     pub fn as_slice(&self) -> &[u8] {
         &self.0
     }
-    /// The shared allocation (no copy).
-    pub fn as_arc(&self) -> &Arc<[u8]> {
+    /// The shared buffer (no copy).
+    pub fn shared(&self) -> &bytes::Bytes {
         &self.0
+    }
+    /// A part of these bytes, sharing the buffer (no copy).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        Bytes(self.0.slice(range))
     }
 }
 
@@ -138,7 +143,7 @@ impl From<Vec<u8>> for Bytes {
 
 impl From<&[u8]> for Bytes {
     fn from(v: &[u8]) -> Bytes {
-        Bytes(v.into())
+        Bytes(bytes::Bytes::copy_from_slice(v))
     }
 }
 

@@ -191,6 +191,7 @@ fn group_commit_syncs_once_for_many_batches() {
             must_sync: true,
             snapshot: None,
             compact_below: None,
+            snapshot_may_lag: false,
         })
         .collect();
     assert_eq!(s.commit(&batches).expect("commit"), Some(5));

@@ -21,7 +21,8 @@ use super::{Node, Wire};
 use crate::sandbox::{ModuleHash, Sandbox};
 use crate::vp::directory::Directory;
 use crate::vp::member::{
-    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, start_member, vp_dir,
+    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource, start_member,
+    vp_dir,
 };
 use crate::vp::modules::ModuleStore;
 use crate::vp::wire::{Deploy, MODULE_CHUNK_BYTES, Reply, Request, VpWire};
@@ -479,6 +480,8 @@ impl Node {
                     sample
                         .loads
                         .insert(consensus_host(host_id_of(&from)), memberships);
+                    // Decide as soon as the answers allow, not at the next tick.
+                    self.sample_tick(Instant::now());
                 }
             }
             VpWire::StatusQuery { vp, op } => {
@@ -609,6 +612,7 @@ impl Node {
                         sample.candidates.insert(host, n.contact.clone());
                     }
                 }
+                self.sample_tick(Instant::now());
             }
             return true;
         }
@@ -1162,15 +1166,28 @@ impl Node {
             );
             return;
         };
-        let module = match self.vps.sandbox.load(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.ack_deploy(
-                    &deploy,
-                    &reply_to,
-                    Err(format!("the module does not load here: {e}")),
-                );
-                return;
+        // A founding member compiles first, so a module that does not load
+        // fails the spawn. A learner replaces a member that ran this module:
+        // it starts at once and compiles while the snapshot comes.
+        let module = if deploy.founding.is_none() {
+            match ModuleSource::compile(self.vps.sandbox.clone(), bytes.to_vec()) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.ack_deploy(&deploy, &reply_to, Err(format!("{e:#}")));
+                    return;
+                }
+            }
+        } else {
+            match self.vps.sandbox.load(&bytes) {
+                Ok(m) => ModuleSource::Loaded(m),
+                Err(e) => {
+                    self.ack_deploy(
+                        &deploy,
+                        &reply_to,
+                        Err(format!("the module does not load here: {e}")),
+                    );
+                    return;
+                }
             }
         };
         let file = MemberFile {

@@ -832,7 +832,7 @@ enum Checkpoint {
         globals: Vec<GlobalValue>,
     },
     Encoded {
-        bytes: Arc<[u8]>,
+        bytes: bytes::Bytes,
         range: std::ops::Range<usize>,
         memory_bytes: usize,
     },
@@ -966,7 +966,7 @@ impl Guest {
         limits: GuestLimits,
     ) -> Result<Guest, LoadError> {
         let len = encoded.len();
-        Self::restore_shared(sandbox, module, Arc::from(encoded), 0..len, limits)
+        Self::restore_shared(sandbox, module, encoded.into(), 0..len, limits)
     }
 
     /// Like [`Guest::restore_encoded`], for a snapshot that is the `range` of
@@ -975,7 +975,7 @@ impl Guest {
     pub fn restore_shared(
         sandbox: &Sandbox,
         module: Arc<LoadedModule>,
-        bytes: Arc<[u8]>,
+        bytes: bytes::Bytes,
         range: std::ops::Range<usize>,
         limits: GuestLimits,
     ) -> Result<Guest, LoadError> {
