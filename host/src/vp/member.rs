@@ -567,8 +567,15 @@ impl Member {
             }
             let now = self.now();
             // After a long apply, a follower gives the leader (busy applying the
-            // same entries) one election timeout to speak before campaigning.
-            let in_grace = !self.replica.is_leader() && now < self.grace_until;
+            // same entries) one election timeout to speak before campaigning;
+            // not a leader whose connections closed (it is gone, not busy: on a
+            // loaded machine any drain can exceed a heartbeat, and the grace
+            // used to turn a 75 ms failover into 500 ms).
+            let leader_down = self
+                .replica
+                .leader_hint()
+                .is_some_and(|l| self.down.contains_key(&l));
+            let in_grace = !self.replica.is_leader() && now < self.grace_until && !leader_down;
             if !in_grace && self.replica.poll_timeout().is_some_and(|t| t <= now) {
                 self.replica.handle_timeout(now);
             }
@@ -627,6 +634,7 @@ impl Member {
             }
             MemberEvent::Request(req) => self.on_request(now, req),
             MemberEvent::PeerDown(host) => {
+                tracing::debug!(%host, leader = ?self.replica.leader_hint(), "connections to a host closed");
                 self.down.insert(host, now);
                 self.replica.suspect(now, host);
             }
