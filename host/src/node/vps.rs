@@ -411,6 +411,12 @@ impl Node {
                     let delay = if elsewhere && o.attempts < 8 { 0 } else { 100 };
                     o.next_try = Instant::now() + Duration::from_millis(delay);
                 }
+                if !elsewhere {
+                    // Ask the members now: they tell this host the new leader
+                    // the moment they know it (and the request goes at once),
+                    // rather than after the pause.
+                    self.locate(vp);
+                }
             }
             VpWire::Deploy(deploy) => {
                 let reply_to = PeerContact {

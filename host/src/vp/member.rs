@@ -313,6 +313,7 @@ pub fn start_member(
         learner_since: None,
         locators: Vec::new(),
         held: Vec::new(),
+        candidate_since: None,
         announced_leader: None,
         stopped: false,
         last_tick: Time(0),
@@ -468,8 +469,10 @@ fn commit(
     Ok(batches.last().map(|b| b.token))
 }
 
-/// Requests held while a leader re-runs phase 1.
+/// Requests held while this member is a candidate, and for how long into
+/// a candidacy (an election after a crash takes tens of milliseconds).
 const HELD_REQUESTS_MAX: usize = 4096;
+const CANDIDATE_HOLD: Duration = Duration::from_millis(150);
 /// Locators remembered, and for how long (`announce_leader`).
 const LOCATORS_MAX: usize = 64;
 const LOCATOR_TTL: Duration = Duration::from_secs(1);
@@ -514,8 +517,10 @@ struct Member {
     down: HashMap<HostId, Time>,
     /// The learner in the configuration, and since when this member saw it.
     learner_since: Option<(HostId, Time)>,
-    /// Requests that arrived while this leader re-ran phase 1.
+    /// Requests that arrived while this member was a candidate.
     held: Vec<Request>,
+    /// Since when this member is a candidate (`holding`).
+    candidate_since: Option<Time>,
     /// Hosts that asked who leads lately (`LOCATOR_TTL`), told when it changes.
     locators: Vec<(PeerContact, u64, Time)>,
     announced_leader: Option<HostId>,
@@ -584,10 +589,26 @@ impl Member {
                 self.duties(now);
             }
             self.announce_leader(now);
-            if !self.held.is_empty() && !self.replica.is_candidate() {
-                // Leading again (they are proposed), or not (they are redirected).
+            if self.replica.is_candidate() {
+                self.candidate_since.get_or_insert(now);
+            } else {
+                self.candidate_since = None;
+            }
+            if !self.holding(now) {
+                // Leading again (they are proposed), or not, or a candidacy
+                // that drags on (they are redirected: the client asks the
+                // members who leads).
                 for req in std::mem::take(&mut self.held) {
                     self.on_request(now, req);
+                }
+            }
+            if !self.pending.is_empty() && !self.replica.is_leader() {
+                // Lost the lead (even to run phase 1 again: the replica drops
+                // commands not yet in a slot): tell waiting clients to go
+                // elsewhere now rather than time out. They ask the members
+                // who leads, and hear it as soon as one knows.
+                for ((client, seq), to) in std::mem::take(&mut self.pending) {
+                    self.redirect(&to, client, seq);
                 }
             }
             let started = self.now();
@@ -598,6 +619,16 @@ impl Member {
             }
         }
         tracing::info!("member stopped");
+    }
+
+    /// Whether requests wait here: this member is a candidate since less
+    /// than `CANDIDATE_HOLD` (a candidate that cannot win, say a restarted
+    /// member of an old epoch, would otherwise keep them forever).
+    fn holding(&self, now: Time) -> bool {
+        self.replica.is_candidate()
+            && self
+                .candidate_since
+                .is_none_or(|t| now.since(t) < CANDIDATE_HOLD.as_micros() as u64)
     }
 
     /// Tell recent locators about a new leader.
@@ -704,10 +735,11 @@ impl Member {
     fn on_request(&mut self, now: Time, req: Request) {
         let sender = HostId(crate::node::overlay::host_id_of(&req.reply_to.peer).0);
         self.ctx.directory.learn(sender, &req.reply_to);
-        // A leader re-running phase 1 (a configuration change opened a new
-        // epoch) leads again in a moment: hold the request rather than send
-        // the client away with no leader to go to.
-        if self.leading && self.replica.is_candidate() && self.held.len() < HELD_REQUESTS_MAX {
+        // A candidate (a leader re-running phase 1 for a new epoch, or a
+        // follower running for a lost leader) leads in a moment, or learns
+        // who does: hold the request rather than send the client away with
+        // no leader to go to.
+        if self.holding(now) && self.held.len() < HELD_REQUESTS_MAX {
             self.held.push(req);
             return;
         }
@@ -811,16 +843,10 @@ impl Member {
                 tracing::info!(epoch = self.replica.epoch().0, "leading");
                 self.outbox_sent.clear();
             } else {
+                // Requests waiting here are redirected by `run` once this
+                // member is not a candidate either (a leader re-running phase
+                // 1 for a new epoch keeps them).
                 tracing::info!(leader = ?self.replica.leader_hint(), "no longer leading");
-                // Tell waiting clients to go elsewhere now rather than time out.
-                let held: Vec<((ClientId, u64), PeerContact)> = std::mem::take(&mut self.held)
-                    .into_iter()
-                    .map(|r| ((r.client, r.seq), r.reply_to))
-                    .collect();
-                for ((client, seq), to) in std::mem::take(&mut self.pending).into_iter().chain(held)
-                {
-                    self.redirect(&to, client, seq);
-                }
                 self.replacing = None;
             }
         }
