@@ -226,8 +226,9 @@ pub struct FileStore {
     allocated: u64,
 }
 
-/// Zeros the log file is extended by when records reach its end.
-pub const LOG_PREALLOCATE_BYTES: u64 = 4 << 20;
+/// Zeros the log file is extended by when records reach its end (each
+/// extension is written and synced once: a larger step costs a longer pause).
+pub const LOG_PREALLOCATE_BYTES: u64 = 1 << 20;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
