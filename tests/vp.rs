@@ -75,6 +75,16 @@ async fn spawn_send_status_and_every_example_app() {
         .await
         .unwrap();
     assert_eq!(answer.reply, Some(json!(3)), "linearizable read");
+    // An unknown virtual peer is a 404 with a clear message, not a busy host.
+    let unknown = c
+        .send(0, "no-such-vp", json!("get"))
+        .await
+        .expect_err("an unknown name is an error");
+    let api = unknown
+        .downcast_ref::<vp_host::api::ApiError>()
+        .expect("an API error");
+    assert_eq!(api.status, 404, "{api}");
+    assert!(api.message.contains("no-such-vp"), "{api}");
     let err = c.send(4, &counter, json!({"add": "x"})).await.unwrap();
     assert!(err.error.unwrap().contains("cannot decode message"));
     for i in 0..5 {

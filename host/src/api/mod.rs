@@ -66,6 +66,16 @@ impl ApiError {
     }
 }
 
+/// As a client sees it: the message (the status is there for callers that
+/// tell a missing virtual peer from a busy host).
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
@@ -370,7 +380,11 @@ impl ApiClient {
         let bytes = response.into_body().collect().await?.to_bytes();
         self.keep(sender);
         if !status.is_success() {
-            bail!("{}", error_message(&bytes));
+            return Err(ApiError {
+                status,
+                message: error_message(&bytes),
+            }
+            .into());
         }
         serde_json::from_slice(&bytes)
             .with_context(|| format!("unexpected answer from the daemon at {}", self.addr))

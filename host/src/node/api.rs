@@ -27,10 +27,12 @@ pub enum NodeRequest {
     InsertKey(KeyRequest, oneshot::Sender<Result<(), String>>),
     RemoveKey(KeyRequest, oneshot::Sender<Result<(), String>>),
     Spawn(SpawnParams, Vec<u8>, mpsc::Sender<SpawnEvent>),
+    /// Errors carry their HTTP status: an unknown virtual peer is 404, a
+    /// message that cannot be encoded 400, the rest 503 (retry later).
     Send(
         String,
         SendRequest,
-        oneshot::Sender<Result<SendAnswer, String>>,
+        oneshot::Sender<Result<SendAnswer, ApiError>>,
     ),
     VpList(oneshot::Sender<Vec<VpStatus>>),
     VpStatus(String, oneshot::Sender<Result<VpStatus, String>>),
@@ -269,10 +271,7 @@ async fn send(
     Path(vp): Path<String>,
     Json(req): Json<SendRequest>,
 ) -> Result<Json<SendAnswer>, ApiError> {
-    ask(&tx, |r| NodeRequest::Send(vp, req, r))
-        .await?
-        .map(Json)
-        .map_err(ApiError::unavailable)
+    ask(&tx, |r| NodeRequest::Send(vp, req, r)).await?.map(Json)
 }
 
 async fn vp_list(State(tx): State<Tx>) -> Result<Json<Vec<VpStatus>>, ApiError> {

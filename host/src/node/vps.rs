@@ -1401,20 +1401,23 @@ impl Node {
 
     pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
         use super::api::{NodeRequest, SendAnswer};
+        use crate::api::ApiError;
         match request {
             NodeRequest::Spawn(params, module, progress) => self.spawn(params, module, progress),
             NodeRequest::Send(name, req, reply) => {
                 let vp = match self.resolve_vp(&name) {
                     Ok(vp) => vp,
                     Err(e) => {
-                        let _ = reply.send(Err(e));
+                        let _ = reply.send(Err(ApiError::not_found(e)));
                         return;
                     }
                 };
                 let payload = match vp_guest_sdk::abi::encode(&req.msg) {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = reply.send(Err(format!("cannot encode the message: {e}")));
+                        let _ = reply.send(Err(ApiError::bad_request(format!(
+                            "cannot encode the message: {e}"
+                        ))));
                         return;
                     }
                 };
@@ -1453,8 +1456,8 @@ impl Node {
                             reply: None,
                             error: Some(app_error),
                         }),
-                        Ok(Err(failure)) => Err(failure),
-                        Err(_) => Err("the host dropped the request".to_string()),
+                        Ok(Err(failure)) => Err(ApiError::unavailable(failure)),
+                        Err(_) => Err(ApiError::unavailable("the host dropped the request")),
                     };
                     let _ = reply.send(answer);
                 });
