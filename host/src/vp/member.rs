@@ -954,7 +954,7 @@ impl Member {
                 started: now,
             });
             let members = self.membership.all_hosts().collect();
-            let _ = self.ctx.node.try_send(MemberOutput::FindReplacement {
+            self.tell_node(MemberOutput::FindReplacement {
                 vp: self.vp(),
                 dead,
                 members,
@@ -1038,11 +1038,30 @@ impl Member {
     /// would promise; stop, keep the data, let the node know.
     fn fail(&mut self, why: String) {
         tracing::error!("{why}; stopping this member");
-        let _ = self
-            .ctx
-            .node
-            .try_send(MemberOutput::Failed { vp: self.vp(), why });
+        self.tell_node(MemberOutput::Failed { vp: self.vp(), why });
         self.stopped = true;
+    }
+
+    /// Hand the node an output it must not miss (a replacement to start, a
+    /// failure, a departure, an overlay key): if its queue is full, wait for
+    /// room, up to a second (a node that is shutting down drains no more).
+    fn tell_node(&self, output: MemberOutput) {
+        let mut output = output;
+        let give_up = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            match self.ctx.node.try_send(output) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= give_up {
+                        tracing::warn!("the node's queue stayed full; an output was dropped");
+                        return;
+                    }
+                    output = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 
     fn send_paxos(&self, to: HostId, msg: vp_consensus::Message) {
@@ -1194,10 +1213,7 @@ impl Member {
                 // cannot start anywhere. Stop this member rather than diverge.
                 let why = format!("cannot start the guest at slot {}: {e}", slot.0);
                 tracing::error!("{why}");
-                let _ = self
-                    .ctx
-                    .node
-                    .try_send(MemberOutput::Failed { vp: self.vp(), why });
+                self.tell_node(MemberOutput::Failed { vp: self.vp(), why });
                 self.stopped = true;
                 return;
             }
@@ -1236,17 +1252,14 @@ impl Member {
             if self.keyed {
                 self.set_key(false);
             }
-            let _ = self
-                .ctx
-                .node
-                .try_send(MemberOutput::Removed { vp: self.vp() });
+            self.tell_node(MemberOutput::Removed { vp: self.vp() });
             self.stopped = true;
         }
     }
 
     fn set_key(&mut self, insert: bool) {
         self.keyed = insert;
-        let _ = self.ctx.node.try_send(MemberOutput::Key {
+        self.tell_node(MemberOutput::Key {
             vp: self.vp(),
             insert,
         });
