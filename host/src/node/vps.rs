@@ -1347,7 +1347,15 @@ impl Node {
         self.vps
             .status_queries
             .insert(op, (reply, Instant::now() + Duration::from_secs(10)));
-        match self.vps.leaders.get(&vp).cloned() {
+        // A cached leader whose connections closed lately is not asked (it
+        // would not answer, and the query would wait its full 10 s).
+        let leader = self
+            .vps
+            .leaders
+            .get(&vp)
+            .cloned()
+            .filter(|(_, c)| self.believable(c));
+        match leader {
             Some((_, contact)) => self.send_vp(&contact, VpWire::StatusQuery { vp, op }),
             None => {
                 let (tx, rx) = oneshot::channel();
