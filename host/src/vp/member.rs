@@ -189,18 +189,15 @@ impl ModuleSource {
 
     /// The compiled module, waiting for the compiler if it still runs.
     fn get(&mut self) -> Result<Arc<LoadedModule>, String> {
-        if let ModuleSource::Compiling(_) = self {
-            let ModuleSource::Compiling(handle) =
-                std::mem::replace(self, ModuleSource::Failed(String::new()))
-            else {
-                unreachable!("checked above")
-            };
-            *self = match handle.join() {
+        let current = std::mem::replace(self, ModuleSource::Failed(String::new()));
+        *self = match current {
+            ModuleSource::Compiling(handle) => match handle.join() {
                 Ok(Ok(module)) => ModuleSource::Loaded(module),
                 Ok(Err(e)) => ModuleSource::Failed(format!("the module does not load here: {e}")),
                 Err(_) => ModuleSource::Failed("the module compiler panicked".into()),
-            };
-        }
+            },
+            done => done,
+        };
         match self {
             ModuleSource::Loaded(module) => Ok(module.clone()),
             ModuleSource::Failed(why) => Err(why.clone()),
