@@ -73,6 +73,11 @@ pub struct CommitReport {
     /// Messages per decided slot in the closed-loop phase (the leader's
     /// batching: one slot is one accept round and one fsync on each member).
     pub peak_msgs_per_slot: f64,
+    /// CPU time of all four processes (3 hosts and the clients) per message
+    /// in the closed-loop phase, and each one's share of a core (hosts in
+    /// start order, leader first, then this process).
+    pub peak_cpu_us_per_msg: f64,
+    pub peak_cpu_percent: Vec<f64>,
     /// Open loop at a quarter of the peak rate.
     pub quarter_msgs_per_s: f64,
     pub quarter_p50_ms: f64,
@@ -151,6 +156,33 @@ async fn load(
     (all.len() as u64, all, errors)
 }
 
+/// User plus system CPU time of each process so far, in clock ticks (0 for
+/// a process that is gone).
+fn cpu_ticks(pids: &[u32]) -> Vec<u64> {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): utime
+            // and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(11) + field(12)
+        })
+        .collect()
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
 /// `vp-host bench commit`.
 pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<CommitReport> {
     let (c, dir) = cluster("commit", 3).await?;
@@ -164,8 +196,20 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
     // Warm up (connections, JIT of nothing: the guest is compiled at deploy).
     let _ = load(&c, via, &vp, clients, bytes, 1.0, None).await;
     let slots_before = c.vp_status(via, &vp).await?.decided_below;
+    let mut pids: Vec<u32> = std::iter::once(via)
+        .chain((0..c.hosts.len()).filter(|&i| i != via))
+        .filter_map(|i| c.hosts[i].pid())
+        .collect();
+    pids.push(std::process::id());
+    let cpu_before = cpu_ticks(&pids);
     let (n, lat, e1) = load(&c, via, &vp, clients, bytes, seconds, None).await;
+    let cpu_after = cpu_ticks(&pids);
     let slots = c.vp_status(via, &vp).await?.decided_below - slots_before;
+    let cpu_s: Vec<f64> = cpu_before
+        .iter()
+        .zip(&cpu_after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / clock_ticks_per_s())
+        .collect();
     let peak = n as f64 / seconds;
     let (qn, qlat, e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
     let report = CommitReport {
@@ -178,6 +222,11 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
         peak_p50_ms: percentile(&lat, 0.5),
         peak_p99_ms: percentile(&lat, 0.99),
         peak_msgs_per_slot: n as f64 / slots.max(1) as f64,
+        peak_cpu_us_per_msg: cpu_s.iter().sum::<f64>() * 1e6 / n.max(1) as f64,
+        peak_cpu_percent: cpu_s
+            .iter()
+            .map(|s| (s * 1000.0 / seconds).round() / 10.0)
+            .collect(),
         quarter_msgs_per_s: qn as f64 / seconds,
         quarter_p50_ms: percentile(&qlat, 0.5),
         quarter_p99_ms: percentile(&qlat, 0.99),

@@ -32,13 +32,20 @@ struct LogEntry {
 struct Log {
     start: u64,
     entries: VecDeque<Option<LogEntry>>,
+    /// Entries below `start` not freed yet (`truncate_below`, `free_some`).
+    cut: VecDeque<Option<LogEntry>>,
 }
+
+/// Entries of a truncated log freed after each input (a checkpoint's worth,
+/// about 10,000 entries, is freed within a few hundred inputs).
+const LOG_ENTRIES_FREED_PER_INPUT: usize = 64;
 
 impl Log {
     fn new(start: u64) -> Log {
         Log {
             start,
             entries: VecDeque::new(),
+            cut: VecDeque::new(),
         }
     }
     fn end(&self) -> u64 {
@@ -69,12 +76,28 @@ impl Log {
         self.entries[i] = Some(e);
     }
     fn truncate_below(&mut self, s: u64) {
-        while self.start < s {
-            if self.entries.pop_front().is_none() {
-                self.start = s;
-                break;
-            }
-            self.start += 1;
+        if s <= self.start {
+            return;
+        }
+        // Cut without freeing: a checkpoint drops thousands of entries (tens
+        // of thousands of commands), and freeing them all at once held up the
+        // caller for milliseconds. `free_some` frees them a few at a time.
+        let n = ((s - self.start) as usize).min(self.entries.len());
+        let kept = self.entries.split_off(n);
+        let cut = std::mem::replace(&mut self.entries, kept);
+        if self.cut.is_empty() {
+            self.cut = cut;
+        } else {
+            self.cut.extend(cut);
+        }
+        self.start = s;
+    }
+    /// Free up to `n` entries cut off by `truncate_below`.
+    fn free_some(&mut self, n: usize) {
+        let n = n.min(self.cut.len());
+        self.cut.drain(..n);
+        if self.cut.is_empty() && self.cut.capacity() > 0 {
+            self.cut = VecDeque::new();
         }
     }
     /// Forgets undecided entries above `slot` accepted in an epoch before `epoch`.
@@ -1264,6 +1287,7 @@ impl Replica {
     // ----- internal event loop --------------------------------------------------------
 
     fn after_input(&mut self) {
+        self.log.free_some(LOG_ENTRIES_FREED_PER_INPUT);
         loop {
             while let Some(msg) = self.self_inbox.pop_front() {
                 self.on_self_message(msg);

@@ -40,11 +40,38 @@ pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Virtual peers one host may be a member of.
 pub const MEMBERSHIPS_MAX: usize = 1024;
 
+/// The HTTP answer to a `send`: the guest's reply as JSON, or its error; a
+/// request that could not be delivered is 503 (retry later).
+fn send_answer(
+    result: Result<WireResult, String>,
+) -> Result<super::api::SendAnswer, crate::api::ApiError> {
+    use super::api::SendAnswer;
+    match result {
+        Ok(Ok(bytes)) => match vp_guest_sdk::abi::decode::<serde_json::Value>(&bytes) {
+            Ok(v) => Ok(SendAnswer {
+                reply: Some(v),
+                error: None,
+            }),
+            Err(e) => Ok(SendAnswer {
+                reply: None,
+                error: Some(format!("reply is not JSON-representable: {e}")),
+            }),
+        },
+        Ok(Err(app_error)) => Ok(SendAnswer {
+            reply: None,
+            error: Some(app_error),
+        }),
+        Err(failure) => Err(crate::api::ApiError::unavailable(failure)),
+    }
+}
+
 /// Who waits for a request's reply.
 #[derive(Debug)]
 pub enum Waiter {
-    /// An API request.
+    /// A request from within the host (the demo, a deployment).
     Api(oneshot::Sender<Result<WireResult, String>>),
+    /// A `send` through the control API, answered as its HTTP response.
+    Http(oneshot::Sender<Result<super::api::SendAnswer, crate::api::ApiError>>),
     /// A virtual peer on this host (its outbound message `seq`).
     Member(VpId),
 }
@@ -643,8 +670,15 @@ impl Node {
 
     pub(super) fn start_request(&mut self, req: Request, waiter: Waiter, timeout: Duration) {
         if self.vps.outstanding.len() >= OUTSTANDING_MAX {
-            if let Waiter::Api(reply) = waiter {
-                let _ = reply.send(Err("this host has too many requests in flight".into()));
+            let why = "this host has too many requests in flight";
+            match waiter {
+                Waiter::Api(reply) => {
+                    let _ = reply.send(Err(why.into()));
+                }
+                Waiter::Http(reply) => {
+                    let _ = reply.send(Err(crate::api::ApiError::unavailable(why)));
+                }
+                Waiter::Member(_) => {}
             }
             return;
         }
@@ -835,6 +869,10 @@ impl Node {
                 let _ = tx.send(Ok(reply.result));
                 self.return_session(reply.client, reply.seq);
             }
+            Waiter::Http(tx) => {
+                let _ = tx.send(send_answer(Ok(reply.result)));
+                self.return_session(reply.client, reply.seq);
+            }
             Waiter::Member(caller) => {
                 if let Some(m) = self.vps.members.get(&caller) {
                     m.send(MemberEvent::OutboundReply {
@@ -869,6 +907,9 @@ impl Node {
                 match o.waiter {
                     Waiter::Api(tx) => {
                         let _ = tx.send(Err(why));
+                    }
+                    Waiter::Http(tx) => {
+                        let _ = tx.send(send_answer(Err(why)));
                     }
                     Waiter::Member(caller) => {
                         if let Some(m) = self.vps.members.get(&caller) {
@@ -1408,7 +1449,7 @@ impl Node {
     }
 
     pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
-        use super::api::{NodeRequest, SendAnswer};
+        use super::api::NodeRequest;
         use crate::api::ApiError;
         match request {
             NodeRequest::Spawn(params, module, progress) => self.spawn(params, module, progress),
@@ -1444,31 +1485,7 @@ impl Node {
                     reply_to: self.me.contact.clone(),
                 };
                 let timeout = req.timeout_ms.map_or(SEND_TIMEOUT, Duration::from_millis);
-                let (tx, rx) = oneshot::channel();
-                self.start_request(request, Waiter::Api(tx), timeout);
-                tokio::spawn(async move {
-                    let answer = match rx.await {
-                        Ok(Ok(Ok(bytes))) => {
-                            match vp_guest_sdk::abi::decode::<serde_json::Value>(&bytes) {
-                                Ok(v) => Ok(SendAnswer {
-                                    reply: Some(v),
-                                    error: None,
-                                }),
-                                Err(e) => Ok(SendAnswer {
-                                    reply: None,
-                                    error: Some(format!("reply is not JSON-representable: {e}")),
-                                }),
-                            }
-                        }
-                        Ok(Ok(Err(app_error))) => Ok(SendAnswer {
-                            reply: None,
-                            error: Some(app_error),
-                        }),
-                        Ok(Err(failure)) => Err(ApiError::unavailable(failure)),
-                        Err(_) => Err(ApiError::unavailable("the host dropped the request")),
-                    };
-                    let _ = reply.send(answer);
-                });
+                self.start_request(request, Waiter::Http(reply), timeout);
             }
             NodeRequest::VpList(reply) => {
                 let pending = self.member_statuses();
