@@ -741,6 +741,7 @@ impl Member {
             self.drain();
             let took = self.now().since(started);
             if took > self.cfg.timing.heartbeat_interval_us {
+                tracing::debug!(ms = took / 1000, "long drain (persist, send, apply)");
                 self.grace_until = self.now().plus_us(self.cfg.timing.election_timeout_us);
             }
         }
