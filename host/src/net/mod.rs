@@ -483,6 +483,12 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         }
     }
 
+    /// Whether any address to dial `peer` at is known (a peer that could
+    /// not be reached for want of one is not known to be dead).
+    pub fn knows_addresses(&self, peer: &PeerId) -> bool {
+        !self.inner.addresses.get(peer).is_empty()
+    }
+
     /// Encode `msg` once, for [`Net::send_frame`] to one or more peers.
     pub fn encode(msg: &M) -> Result<Bytes, FrameError> {
         let mut out = Vec::new();

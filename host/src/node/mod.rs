@@ -357,6 +357,14 @@ impl Node {
             }
             NetEvent::Disconnected { peer } => self.on_peer_gone(peer),
             NetEvent::ListenAddr(_) => {}
+            NetEvent::Unreachable { peer } if !self.net.knows_addresses(&peer) => {
+                // Not known to be dead, only not known where: a host that
+                // heard of a new leader by its peer id alone used to declare
+                // it dead here and ignore it as leader for seconds. Ask the
+                // overlay for its contact instead.
+                tracing::debug!(%peer, "no address known for a peer; looking it up");
+                self.resolve_host(peer);
+            }
             NetEvent::Unreachable { peer } => {
                 let now = self.now();
                 self.alm.handle_unreachable(now, host_id_of(&peer));

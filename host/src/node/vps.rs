@@ -606,6 +606,15 @@ impl Node {
                         }
                     });
                 }
+                // Requests this host's copy was answering (an old copy that
+                // restarted and just learned it was replaced) go to the
+                // current members now, not at their next retry.
+                let me = self.me.contact.peer;
+                if self.vps.leaders.get(&vp).is_some_and(|(_, c)| c.peer == me) {
+                    self.vps.leaders.remove(&vp);
+                }
+                self.vps.locating.remove(&vp);
+                self.flush_outstanding(vp);
             }
             MemberOutput::Failed { vp, why } => {
                 tracing::error!(%vp, "member stopped: {why}");
@@ -613,15 +622,25 @@ impl Node {
                     tokio::task::spawn_blocking(move || handle.stop());
                 }
             }
-            MemberOutput::Resolve(host) => {
-                if self.vps.resolving.values().any(|h| *h == host) {
-                    return;
-                }
-                if let Ok(op) = self.alm.search(now, host_key(vp_alm::HostId(host.0))) {
-                    self.vps.resolving.insert(op, host);
-                }
-            }
+            MemberOutput::Resolve(host) => self.resolve(now, host),
         }
+    }
+
+    /// Look up `host`'s contact in the overlay (its host key); the answer
+    /// goes to the directory and the network's address book.
+    fn resolve(&mut self, now: vp_alm::Time, host: HostId) {
+        if self.vps.resolving.values().any(|h| *h == host) {
+            return;
+        }
+        if let Ok(op) = self.alm.search(now, host_key(vp_alm::HostId(host.0))) {
+            self.vps.resolving.insert(op, host);
+        }
+    }
+
+    /// `resolve` the host behind `peer`.
+    pub(super) fn resolve_host(&mut self, peer: libp2p::PeerId) {
+        let now = self.now();
+        self.resolve(now, consensus_host(super::overlay::host_id_of(&peer)));
     }
 
     /// A search this module started finished (placement or resolving a host).
@@ -633,6 +652,20 @@ impl Node {
         if let Some(host) = self.vps.resolving.remove(&op) {
             if let Some(n) = found.filter(|n| n.host.0 == host.0) {
                 self.vps.directory.learn(host, &n.contact);
+                let peer = n.contact.peer;
+                self.net
+                    .add_addresses(peer, n.contact.addrs.iter().cloned());
+                // Requests whose leader could not be dialed go again now.
+                let waiting: Vec<VpId> = self
+                    .vps
+                    .leaders
+                    .iter()
+                    .filter(|(_, (_, c))| c.peer == peer)
+                    .map(|(vp, _)| *vp)
+                    .collect();
+                for vp in waiting {
+                    self.flush_outstanding(vp);
+                }
             }
             return true;
         }
