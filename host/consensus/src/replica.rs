@@ -94,11 +94,7 @@ impl Log {
     }
     /// Free up to `n` entries cut off by `truncate_below`.
     fn free_some(&mut self, n: usize) {
-        let n = n.min(self.cut.len());
-        self.cut.drain(..n);
-        if self.cut.is_empty() && self.cut.capacity() > 0 {
-            self.cut = VecDeque::new();
-        }
+        self.cut.drain(..n.min(self.cut.len()));
     }
     /// Forgets undecided entries above `slot` accepted in an epoch before `epoch`.
     fn drop_stale_above(&mut self, slot: u64, epoch: Epoch) {

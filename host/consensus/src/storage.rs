@@ -76,20 +76,28 @@ pub trait Storage {
 /// Keeps only what recovery needs: records about slots at or above `below`, and the
 /// last promise and decided watermark.
 fn compact_records(records: Vec<Record>, below: Slot) -> Vec<Record> {
-    let last_promise = records
-        .iter()
-        .rposition(|r| matches!(r, Record::Promise { .. }));
-    let last_decided = records
-        .iter()
-        .rposition(|r| matches!(r, Record::Decided { .. }));
+    let keep = compaction_keeps(records.iter().map(FrameKind::of), below);
     records
         .into_iter()
+        .zip(keep)
+        .filter_map(|(r, k)| k.then_some(r))
+        .collect()
+}
+
+/// Which of a log's records (given by kind, in log order) a compaction below
+/// `below` keeps: those about slots at or above it, and the last promise and
+/// the last decided watermark. The one rule for every store.
+fn compaction_keeps(kinds: impl Iterator<Item = FrameKind> + Clone, below: Slot) -> Vec<bool> {
+    let last = |kind: FrameKind| kinds.clone().enumerate().filter(|(_, k)| *k == kind).last();
+    let last_promise = last(FrameKind::Promise).map(|(i, _)| i);
+    let last_decided = last(FrameKind::Decided).map(|(i, _)| i);
+    kinds
         .enumerate()
-        .filter(|(i, r)| match r.slot() {
-            Some(s) => s >= below,
-            None => Some(*i) == last_promise || Some(*i) == last_decided,
+        .map(|(i, kind)| match kind {
+            FrameKind::About(slot) => slot >= below,
+            FrameKind::Promise => Some(i) == last_promise,
+            FrameKind::Decided => Some(i) == last_decided,
         })
-        .map(|(_, r)| r)
         .collect()
 }
 
@@ -318,14 +326,23 @@ enum FrameKind {
     Decided,
 }
 
-impl Frame {
-    fn of(r: &Record, at: u64, len: u64) -> Frame {
-        let kind = match r {
+impl FrameKind {
+    fn of(r: &Record) -> FrameKind {
+        match r {
             Record::Promise { .. } => FrameKind::Promise,
             Record::Decided { .. } => FrameKind::Decided,
             Record::Accept { slot, .. } | Record::Learn { slot, .. } => FrameKind::About(*slot),
-        };
-        Frame { at, len, kind }
+        }
+    }
+}
+
+impl Frame {
+    fn of(r: &Record, at: u64, len: u64) -> Frame {
+        Frame {
+            at,
+            len,
+            kind: FrameKind::of(r),
+        }
     }
 }
 
@@ -447,15 +464,12 @@ fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<(), StorageEr
 impl Storage for FileStore {
     fn append(&mut self, records: &[Record]) -> Result<(), StorageError> {
         self.buf.clear();
-        let first_new = self.frames.len();
+        let mut frames = Vec::with_capacity(records.len());
         for r in records {
             let at = self.buf.len();
-            if let Err(e) = frame_record(r, &mut self.buf) {
-                self.frames.truncate(first_new);
-                return Err(e);
-            }
+            frame_record(r, &mut self.buf)?;
             let len = (self.buf.len() - at) as u64;
-            self.frames.push(Frame::of(r, self.end + at as u64, len));
+            frames.push(Frame::of(r, self.end + at as u64, len));
         }
         let path = self.log_path();
         let needed = self.end + self.buf.len() as u64;
@@ -464,17 +478,16 @@ impl Storage for FileStore {
             // that follows makes the new length durable once for many appends.
             let target = needed.div_ceil(LOG_PREALLOCATE_BYTES) * LOG_PREALLOCATE_BYTES;
             let zeros = vec![0u8; (target - self.allocated) as usize];
-            if let Err(e) = self.log.write_all_at(&zeros, self.allocated) {
-                self.frames.truncate(first_new);
-                return Err(io_err(&path)(e));
-            }
+            self.log
+                .write_all_at(&zeros, self.allocated)
+                .map_err(io_err(&path))?;
             self.allocated = target;
         }
-        if let Err(e) = self.log.write_all_at(&self.buf, self.end) {
-            self.frames.truncate(first_new);
-            return Err(io_err(&path)(e));
-        }
+        self.log
+            .write_all_at(&self.buf, self.end)
+            .map_err(io_err(&path))?;
         self.end = needed;
+        self.frames.extend(frames);
         Ok(())
     }
 
@@ -488,26 +501,14 @@ impl Storage for FileStore {
     }
 
     fn compact(&mut self, below: Slot) -> Result<(), StorageError> {
-        // The frames `compact_records` would keep, copied byte for byte (a
-        // frame does not depend on where it lies), contiguous ones in one read.
-        let last_promise = self
-            .frames
-            .iter()
-            .rposition(|f| f.kind == FrameKind::Promise);
-        let last_decided = self
-            .frames
-            .iter()
-            .rposition(|f| f.kind == FrameKind::Decided);
+        // The frames `compaction_keeps` keeps, copied byte for byte (a frame
+        // does not depend on where it lies), contiguous ones in one read.
+        let keep = compaction_keeps(self.frames.iter().map(|f| f.kind), below);
         let kept: Vec<Frame> = self
             .frames
             .iter()
-            .enumerate()
-            .filter(|(i, f)| match f.kind {
-                FrameKind::About(slot) => slot >= below,
-                FrameKind::Promise => Some(*i) == last_promise,
-                FrameKind::Decided => Some(*i) == last_decided,
-            })
-            .map(|(_, f)| *f)
+            .zip(keep)
+            .filter_map(|(f, k)| k.then_some(*f))
             .collect();
         let path = self.log_path();
         let mut data = Vec::with_capacity(kept.iter().map(|f| f.len as usize).sum());

@@ -76,6 +76,26 @@ pub enum Waiter {
     Member(VpId),
 }
 
+impl Waiter {
+    /// Hand the answer to request `seq` to whoever waits for it.
+    fn answer(self, members: &Members, seq: u64, result: Result<WireResult, String>) {
+        match self {
+            Waiter::Api(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Http(tx) => {
+                let _ = tx.send(send_answer(result));
+            }
+            Waiter::Member(caller) => {
+                if let Some(m) = members.get(&caller) {
+                    let result = result.and_then(|r| r);
+                    m.send(MemberEvent::OutboundReply { id: seq, result });
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Outstanding {
     req: Request,
@@ -656,14 +676,7 @@ impl Node {
                 self.net
                     .add_addresses(peer, n.contact.addrs.iter().cloned());
                 // Requests whose leader could not be dialed go again now.
-                let waiting: Vec<VpId> = self
-                    .vps
-                    .leaders
-                    .iter()
-                    .filter(|(_, (_, c))| c.peer == peer)
-                    .map(|(vp, _)| *vp)
-                    .collect();
-                for vp in waiting {
+                for vp in self.led_by(peer) {
                     self.flush_outstanding(vp);
                 }
             }
@@ -703,15 +716,10 @@ impl Node {
 
     pub(super) fn start_request(&mut self, req: Request, waiter: Waiter, timeout: Duration) {
         if self.vps.outstanding.len() >= OUTSTANDING_MAX {
-            let why = "this host has too many requests in flight";
-            match waiter {
-                Waiter::Api(reply) => {
-                    let _ = reply.send(Err(why.into()));
-                }
-                Waiter::Http(reply) => {
-                    let _ = reply.send(Err(crate::api::ApiError::unavailable(why)));
-                }
-                Waiter::Member(_) => {}
+            // A member's outbound message is resent from its outbox later.
+            if !matches!(waiter, Waiter::Member(_)) {
+                let why = "this host has too many requests in flight";
+                waiter.answer(&self.vps.members, req.seq, Err(why.into()));
             }
             return;
         }
@@ -845,17 +853,20 @@ impl Node {
         for m in self.vps.members.values() {
             m.send(MemberEvent::PeerDown(host));
         }
-        let lost: Vec<VpId> = self
-            .vps
+        for vp in self.led_by(peer) {
+            self.vps.leaders.remove(&vp);
+            self.flush_outstanding(vp);
+        }
+    }
+
+    /// The virtual peers whose cached leader is `peer`.
+    fn led_by(&self, peer: libp2p::PeerId) -> Vec<VpId> {
+        self.vps
             .leaders
             .iter()
             .filter(|(_, (_, c))| c.peer == peer)
             .map(|(vp, _)| *vp)
-            .collect();
-        for vp in lost {
-            self.vps.leaders.remove(&vp);
-            self.flush_outstanding(vp);
-        }
+            .collect()
     }
 
     /// A leader hint naming a host whose connections closed lately is stale
@@ -897,23 +908,11 @@ impl Node {
         else {
             return;
         };
-        match o.waiter {
-            Waiter::Api(tx) => {
-                let _ = tx.send(Ok(reply.result));
-                self.return_session(reply.client, reply.seq);
-            }
-            Waiter::Http(tx) => {
-                let _ = tx.send(send_answer(Ok(reply.result)));
-                self.return_session(reply.client, reply.seq);
-            }
-            Waiter::Member(caller) => {
-                if let Some(m) = self.vps.members.get(&caller) {
-                    m.send(MemberEvent::OutboundReply {
-                        id: reply.seq,
-                        result: reply.result,
-                    });
-                }
-            }
+        let client = !matches!(o.waiter, Waiter::Member(_));
+        o.waiter
+            .answer(&self.vps.members, reply.seq, Ok(reply.result));
+        if client {
+            self.return_session(reply.client, reply.seq);
         }
     }
 
@@ -937,22 +936,7 @@ impl Node {
                     "virtual peer {} did not answer in time ({} attempts)",
                     key.0, o.attempts
                 );
-                match o.waiter {
-                    Waiter::Api(tx) => {
-                        let _ = tx.send(Err(why));
-                    }
-                    Waiter::Http(tx) => {
-                        let _ = tx.send(send_answer(Err(why)));
-                    }
-                    Waiter::Member(caller) => {
-                        if let Some(m) = self.vps.members.get(&caller) {
-                            m.send(MemberEvent::OutboundReply {
-                                id: key.2,
-                                result: Err(why),
-                            });
-                        }
-                    }
-                }
+                o.waiter.answer(&self.vps.members, key.2, Err(why));
                 continue;
             }
             if o.attempts >= 2 {

@@ -1140,13 +1140,7 @@ impl Member {
             }
             if !batches.is_empty() {
                 progressed = true;
-                // A snapshot received from the leader (a large write) goes to
-                // the storage thread even on a follower: the guest installs it
-                // meanwhile.
-                let received_snapshot = batches
-                    .iter()
-                    .any(|b| b.snapshot.is_some() && !b.snapshot_may_lag);
-                if self.write_inline() && !received_snapshot {
+                if self.write_inline(&batches) {
                     // What is ready to go leaves before this thread blocks on the disk.
                     while let Some((to, msg)) = self.replica.poll_send() {
                         self.send_paxos(to, msg);
@@ -1213,9 +1207,16 @@ impl Member {
         }
     }
 
-    /// Whether this member writes its log on its own thread now (`Disk`).
-    fn write_inline(&self) -> bool {
-        !self.disk.thread_busy() && !self.replica.is_leader()
+    /// Whether this member writes `batches` on its own thread (`Disk`): a
+    /// follower does, unless the storage thread still holds batches of its
+    /// or they carry a snapshot received from the leader (a large write,
+    /// which the storage thread does while the guest installs it).
+    fn write_inline(&self, batches: &[vp_consensus::PersistBatch]) -> bool {
+        !self.disk.thread_busy()
+            && !self.replica.is_leader()
+            && !batches
+                .iter()
+                .any(|b| b.snapshot.is_some() && !b.snapshot_may_lag)
     }
 
     fn send_paxos(&self, to: HostId, msg: vp_consensus::Message) {
