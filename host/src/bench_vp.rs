@@ -82,7 +82,19 @@ pub struct CommitReport {
     pub quarter_msgs_per_s: f64,
     pub quarter_p50_ms: f64,
     pub quarter_p99_ms: f64,
+    /// Open loop at each rate asked for with `--rates` (empty without it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub at_rates: Vec<RatePoint>,
     pub errors: u64,
+}
+
+/// Latency of the open-loop phase at one offered rate.
+#[derive(Debug, Serialize)]
+pub struct RatePoint {
+    pub offered_msgs_per_s: f64,
+    pub msgs_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// Run `clients` clients against `vp` through host `via` for `seconds`.
@@ -184,7 +196,12 @@ fn clock_ticks_per_s() -> f64 {
 }
 
 /// `vp-host bench commit`.
-pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<CommitReport> {
+pub async fn commit(
+    clients: usize,
+    bytes: usize,
+    seconds: f64,
+    rates: &[f64],
+) -> Result<CommitReport> {
     let (c, dir) = cluster("commit", 3).await?;
     let c = Arc::new(c);
     let vp = c.spawn(0, vp_apps::STRESS, "members=3", |_| {}).await?;
@@ -211,7 +228,18 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
         .map(|(b, a)| a.saturating_sub(*b) as f64 / clock_ticks_per_s())
         .collect();
     let peak = n as f64 / seconds;
-    let (qn, qlat, e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let (qn, qlat, mut e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let mut at_rates = Vec::new();
+    for &rate in rates {
+        let (n, lat, e) = load(&c, via, &vp, clients, bytes, seconds, Some(rate)).await;
+        e2 += e;
+        at_rates.push(RatePoint {
+            offered_msgs_per_s: rate,
+            msgs_per_s: n as f64 / seconds,
+            p50_ms: percentile(&lat, 0.5),
+            p99_ms: percentile(&lat, 0.99),
+        });
+    }
     let report = CommitReport {
         bench: "commit",
         members: 3,
@@ -230,6 +258,7 @@ pub async fn commit(clients: usize, bytes: usize, seconds: f64) -> Result<Commit
         quarter_msgs_per_s: qn as f64 / seconds,
         quarter_p50_ms: percentile(&qlat, 0.5),
         quarter_p99_ms: percentile(&qlat, 0.99),
+        at_rates,
         errors: e1 + e2,
     };
     drop(c);

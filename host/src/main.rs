@@ -276,6 +276,10 @@ enum BenchCommand {
         /// Seconds per phase.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// After the quarter-load phase, one more open-loop phase at each of
+        /// these rates (messages/s, comma-separated), e.g. `--rates 200,1000,4000`.
+        #[arg(long, value_delimiter = ',', value_parser = positive_rate)]
+        rates: Vec<f64>,
     },
     /// SIGKILL the leader of a virtual peer under load, N times: time from the
     /// kill to the first reply to a message sent after it.
@@ -328,6 +332,16 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// A rate in messages per second: a finite number above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a rate: use a number of messages/s above 0"
+        )),
+    }
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
@@ -788,9 +802,15 @@ fn main() -> ExitCode {
                     clients,
                     message_bytes,
                     seconds,
+                    rates,
                 } => runtime().and_then(|rt| {
-                    rt.block_on(vp_host::bench_vp::commit(clients, message_bytes, seconds))
-                        .and_then(|r| print_json(&r))
+                    rt.block_on(vp_host::bench_vp::commit(
+                        clients,
+                        message_bytes,
+                        seconds,
+                        &rates,
+                    ))
+                    .and_then(|r| print_json(&r))
                 }),
                 BenchCommand::Failover { kills, clients } => runtime().and_then(|rt| {
                     rt.block_on(vp_host::bench_vp::failover(kills, clients))
