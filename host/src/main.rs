@@ -68,8 +68,9 @@ enum Command {
         /// Answer through the linearizable read path (no log entry; the app's `read`).
         #[arg(long)]
         read: bool,
-        /// Give up after this long, milliseconds.
-        #[arg(long, default_value_t = 30_000)]
+        /// Give up after this long, milliseconds (at most 300,000).
+        #[arg(long, default_value_t = 30_000,
+              value_parser = clap::value_parser!(u64).range(1..=300_000))]
         timeout_ms: u64,
     },
     /// Use the skip-graph overlay directly (diagnostics and tests).

@@ -40,6 +40,13 @@ pub struct Limits {
     pub learners_max: usize,
     /// Client sessions kept in the replicated session table.
     pub clients_max: usize,
+    /// Log time (ms) a session is kept after its latest command however full
+    /// the table is: while it could still be retried, a request's session is
+    /// never evicted (that would let the retry apply it twice). A new client
+    /// that finds the table full of such sessions is refused, not admitted.
+    /// Must exceed the longest time any client retries one request (the host
+    /// retries for at most 60 s).
+    pub session_retain_ms: u64,
     /// Requests per client whose reply (or pending status) is remembered.
     pub replies_per_client_max: usize,
     /// Bytes of one remembered reply.
@@ -67,6 +74,7 @@ impl Default for Limits {
             voters_max: 7,
             learners_max: 4,
             clients_max: 4096,
+            session_retain_ms: 10 * 60 * 1000,
             replies_per_client_max: 64,
             reply_bytes_max: 1 << 20,
             reads_pending_max: 10_000,

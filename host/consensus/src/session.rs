@@ -29,6 +29,10 @@ pub enum Outcome {
     Fresh,
     /// Already applied (or forgotten): do not apply; answer with this.
     Duplicate(Reply),
+    /// A new client while every session in the full table was active within
+    /// `session_retain_ms`: not applied and not remembered; the client may
+    /// send it again later.
+    Refused,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,8 +70,11 @@ impl SessionTable {
     /// Decides whether `cmd`, decided with log time `time_ms`, is fresh. Updates the
     /// table as a replicated state transition.
     pub fn admit(&mut self, cmd: &Command, time_ms: u64, limits: &Limits) -> Outcome {
-        if !self.sessions.contains_key(&cmd.client) && self.sessions.len() >= limits.clients_max {
-            self.evict_oldest();
+        if !self.sessions.contains_key(&cmd.client)
+            && self.sessions.len() >= limits.clients_max
+            && !self.evict_idle(time_ms, limits.session_retain_ms)
+        {
+            return Outcome::Refused;
         }
         let s = self.sessions.entry(cmd.client).or_default();
         s.last_ms = s.last_ms.max(time_ms);
@@ -140,15 +147,19 @@ impl SessionTable {
         })
     }
 
-    /// Evicts the session with the oldest log time (ties: smallest client id).
-    fn evict_oldest(&mut self) {
+    /// Evicts the session with the oldest log time (ties: smallest client id)
+    /// if it has been idle for `retain_ms` of log time at `now_ms`; false if
+    /// every session is more recent than that.
+    fn evict_idle(&mut self, now_ms: u64, retain_ms: u64) -> bool {
         let victim = self
             .sessions
             .iter()
             .min_by_key(|(c, s)| (s.last_ms, **c))
+            .filter(|(_, s)| s.last_ms.saturating_add(retain_ms) <= now_ms)
             .map(|(c, _)| *c);
-        if let Some(c) = victim {
-            self.sessions.remove(&c);
+        match victim {
+            Some(c) => self.sessions.remove(&c).is_some(),
+            None => false,
         }
     }
 }
@@ -200,12 +211,13 @@ mod tests {
         let l = Limits {
             clients_max: 2,
             replies_per_client_max: 2,
+            session_retain_ms: 4,
             ..Limits::default()
         };
         let mut t = SessionTable::default();
         t.admit(&cmd(1, 0, 0), 5, &l);
         t.admit(&cmd(2, 0, 0), 3, &l);
-        t.admit(&cmd(3, 0, 0), 9, &l); // evicts client 2 (oldest log time)
+        t.admit(&cmd(3, 0, 0), 9, &l); // evicts client 2 (oldest log time, idle 6 ms)
         assert_eq!(t.len(), 2);
         assert_eq!(t.lookup(ClientId(2), 0), None);
         assert_eq!(t.lookup(ClientId(1), 0), Some(Reply::Pending));
@@ -228,6 +240,39 @@ mod tests {
                 }
             ),
             Err(ReplyError::TooLarge { got: 10, max: 4 })
+        );
+    }
+
+    #[test]
+    fn a_session_that_may_still_be_retried_is_never_evicted() {
+        let l = Limits {
+            clients_max: 2,
+            session_retain_ms: 1_000,
+            ..Limits::default()
+        };
+        let mut t = SessionTable::default();
+        assert_eq!(t.admit(&cmd(1, 7, 7), 100, &l), Outcome::Fresh);
+        assert_eq!(t.admit(&cmd(2, 1, 1), 200, &l), Outcome::Fresh);
+        // A third client within the retain time of both: refused, nothing evicted.
+        assert_eq!(t.admit(&cmd(3, 1, 1), 1_099, &l), Outcome::Refused);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.lookup(ClientId(3), 1), None);
+        // Client 1 retries its request: still a duplicate, never applied again.
+        assert_eq!(
+            t.admit(&cmd(1, 7, 7), 1_099, &l),
+            Outcome::Duplicate(Reply::Pending)
+        );
+        // Once client 2 has been idle for the retain time it makes room
+        // (client 1 was refreshed by its retry at 1,099).
+        assert_eq!(t.admit(&cmd(3, 1, 1), 1_200, &l), Outcome::Fresh);
+        assert_eq!(t.lookup(ClientId(2), 1), None);
+        assert_eq!(t.lookup(ClientId(1), 7), Some(Reply::Pending));
+        // An evicted client's next request opens a new session; its
+        // acknowledgement keeps older requests from being applied.
+        assert_eq!(t.admit(&cmd(2, 5, 5), 3_000, &l), Outcome::Fresh);
+        assert_eq!(
+            t.admit(&cmd(2, 3, 3), 3_000, &l),
+            Outcome::Duplicate(Reply::Forgotten)
         );
     }
 }

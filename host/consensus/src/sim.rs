@@ -1437,6 +1437,8 @@ impl Sim {
                         }
                         Outcome::Duplicate(Reply::Cached(b)) => reply_value(b),
                         Outcome::Duplicate(Reply::Pending) => None,
+                        // Not applied: the client sends it again later.
+                        Outcome::Refused => None,
                         Outcome::Duplicate(Reply::Forgotten) => {
                             let still_waiting = self.clients.iter().any(|cl| {
                                 cl.id == c.client

@@ -32,6 +32,11 @@ use crate::vp::{VpConfig, VpStatus, new_session_id};
 pub const OUTSTANDING_MAX: usize = 100_000;
 /// How long a client request keeps being retried by default.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a client may ask a request to be retried (`timeout_ms`): well
+/// inside the time a virtual peer keeps an idle client session
+/// (`Limits::session_retain_ms`), so no retry can outlive the session that
+/// tells it from a new request.
+pub const SEND_TIMEOUT_MAX: Duration = Duration::from_secs(300);
 /// How long an outbound message of a virtual peer keeps being retried before
 /// the caller's guest is told it failed.
 pub const OUTBOUND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1502,6 +1507,14 @@ impl Node {
                     reply_to: self.me.contact.clone(),
                 };
                 let timeout = req.timeout_ms.map_or(SEND_TIMEOUT, Duration::from_millis);
+                if timeout > SEND_TIMEOUT_MAX {
+                    let _ = reply.send(Err(ApiError::bad_request(format!(
+                        "timeout_ms is at most {} (a request is retried for at most {} s)",
+                        SEND_TIMEOUT_MAX.as_millis(),
+                        SEND_TIMEOUT_MAX.as_secs()
+                    ))));
+                    return;
+                }
                 self.start_request(request, Waiter::Http(reply), timeout);
             }
             NodeRequest::VpList(reply) => {
@@ -1809,6 +1822,14 @@ mod tests {
             timing: VpConfig::default_timing(),
             replace_after_ms: 500,
             checkpoint_every_slots: 1024,
+        }
+    }
+
+    #[test]
+    fn no_retry_outlives_the_session_that_deduplicates_it() {
+        let retain = Duration::from_millis(VpConfig::consensus_limits().session_retain_ms);
+        for retried_for in [SEND_TIMEOUT, SEND_TIMEOUT_MAX, OUTBOUND_TIMEOUT] {
+            assert!(retried_for * 2 <= retain, "{retried_for:?} vs {retain:?}");
         }
     }
 

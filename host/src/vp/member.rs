@@ -1423,6 +1423,19 @@ impl Member {
     fn apply_command(&mut self, time_ms: u64, entropy: u64, cmd: &Command, outcome: Outcome) {
         match outcome {
             Outcome::Fresh => {}
+            Outcome::Refused => {
+                // Not applied and not remembered: nothing to record.
+                if let Some(to) = self.pending.remove(&(cmd.client, cmd.seq)) {
+                    let why = format!(
+                        "the virtual peer is serving {} client sessions, all active in the \
+                         last {} s; not applied, try again later",
+                        VpConfig::consensus_limits().clients_max,
+                        VpConfig::consensus_limits().session_retain_ms / 1000
+                    );
+                    self.reply(&to, cmd.client, cmd.seq, Err(why));
+                }
+                return;
+            }
             Outcome::Duplicate(reply) => {
                 // Answered from the session table, never applied twice.
                 if let Some(to) = self.pending.remove(&(cmd.client, cmd.seq)) {
