@@ -23,3 +23,4 @@ pub mod net;
 pub mod node;
 pub mod sandbox;
 pub mod vp;
+pub mod watchdog;

@@ -559,6 +559,28 @@ impl Replica {
         // Replay produced no new durable state worth writing back.
         r.pending_records.clear();
         r.pending_sync = false;
+        // While it was down the others may have decided more, a new
+        // configuration among it, possibly one without this host: ask every
+        // other member now rather than wait for a leader's heartbeat or for
+        // this replica's own election timeout to find out.
+        let others: Vec<HostId> = r
+            .membership
+            .voters
+            .iter()
+            .copied()
+            .chain(r.membership.learners.iter().map(|l| l.host))
+            .filter(|h| *h != r.cfg.id)
+            .collect();
+        for h in others {
+            r.send(
+                h,
+                Message::CatchUpRequest {
+                    from: Slot(r.decided_below),
+                    epoch: r.epoch(),
+                },
+            );
+        }
+        r.catchup_asked = Some(now);
         Ok(r)
     }
 

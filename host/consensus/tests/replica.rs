@@ -558,6 +558,46 @@ fn a_restarted_replica_replays_its_durable_log() {
 }
 
 #[test]
+fn a_restarted_replica_asks_the_others_for_what_it_missed() {
+    let mut net = Net::new(3, Limits::default());
+    net.elect(1);
+    net.put(1, 5, 0).expect("leader");
+    net.settle();
+    // Host 3 crashes; the others decide more without it.
+    net.reps.remove(&HostId(3));
+    for seq in 1..4 {
+        net.put(1, 5, seq).expect("leader");
+        net.settle();
+    }
+    let leader_below = net.reps[&HostId(1)].decided_below();
+    let rec = net
+        .stores
+        .get_mut(&HostId(3))
+        .expect("store")
+        .load()
+        .expect("load");
+    let mut r = Replica::recover(
+        cfg(3, &Limits::default()),
+        Some(membership(3)),
+        rec,
+        net.now,
+    )
+    .expect("recover");
+    assert!(r.decided_below() < leader_below);
+    let mut asked = Vec::new();
+    while let Some((to, m)) = r.poll_send() {
+        assert!(matches!(m, Message::CatchUpRequest { .. }), "{m:?}");
+        asked.push(to);
+        net.queue.push_back((HostId(3), to, m));
+    }
+    assert_eq!(asked, vec![HostId(1), HostId(2)]);
+    // No timer runs: the answers alone bring it up to date.
+    net.reps.insert(HostId(3), r);
+    net.settle();
+    assert_eq!(net.reps[&HostId(3)].decided_below(), leader_below);
+}
+
+#[test]
 fn log_time_never_goes_backwards_and_duplicates_are_not_applied() {
     let mut net = Net::new(3, Limits::default());
     net.elect(1);

@@ -183,6 +183,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tracing::info!(peer_id = %local, host_id = %node.me.host, addrs = ?addrs, "host started");
     node.join_overlay();
     node.recover_members();
+    crate::watchdog::start();
 
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(25));
@@ -208,7 +209,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             Some(internal) = internal_rx.recv() => node.on_internal(internal),
             Some(output) = member_rx.recv() => node.on_member_output(output),
             Some(call) = call_rx.recv() => node.on_call(call),
-            _ = tick.tick() => node.vp_tick(),
+            _ = tick.tick() => {
+                crate::watchdog::beat(crate::watchdog::Beat::Node);
+                node.vp_tick();
+            }
             () = sleep => {
                 let now = node.now();
                 node.alm.handle_timeout(now);

@@ -300,6 +300,7 @@ pub fn start_member(
         last_checkpoint: Slot(0),
         log_bytes_since_checkpoint: 0,
         keyed: false,
+        confirmed: fresh,
         membership,
         leading: false,
         outbox_sent: HashMap::new(),
@@ -635,6 +636,12 @@ struct Member {
     log_bytes_since_checkpoint: u64,
     /// Whether our key is in the overlay under the virtual peer's prefix.
     keyed: bool,
+    /// Whether this copy is known to be current: started fresh, or, for a
+    /// copy that rejoined from disk, a leader of its epoch has been heard
+    /// (or it leads). Until then it keeps its key out of the overlay, so
+    /// clients are not routed to a copy that may have been replaced while
+    /// its host was down.
+    confirmed: bool,
     membership: Arc<Membership>,
     leading: bool,
     outbox_sent: HashMap<u64, Time>,
@@ -675,9 +682,7 @@ impl Member {
         if start_fresh_guest {
             self.install(Slot(0), self.membership.clone(), Bytes::default());
         }
-        if self.membership.is_voter(self.ctx.me) && !self.keyed {
-            self.set_key(true);
-        }
+        self.key_if_current();
         while !self.stopped {
             let now = self.now();
             let wait = self
@@ -715,6 +720,11 @@ impl Member {
                 self.duties(now);
             }
             self.announce_leader(now);
+            if !self.confirmed && self.replica.leader_hint().is_some() {
+                tracing::debug!(leader = ?self.replica.leader_hint(), "membership confirmed by a leader");
+                self.confirmed = true;
+                self.key_if_current();
+            }
             if self.replica.is_candidate() {
                 self.candidate_since.get_or_insert(now);
             } else {
@@ -1394,9 +1404,7 @@ impl Member {
         }
         self.membership = membership;
         let me = self.ctx.me;
-        if self.membership.is_voter(me) && !self.keyed {
-            self.set_key(true);
-        }
+        self.key_if_current();
         if self.membership.is_member(me) {
             self.was_member = true;
         }
@@ -1409,6 +1417,13 @@ impl Member {
             }
             self.tell_node(MemberOutput::Removed { vp: self.vp() });
             self.stopped = true;
+        }
+    }
+
+    /// Inserts our key if this host votes and its copy is known current.
+    fn key_if_current(&mut self) {
+        if self.confirmed && !self.keyed && self.membership.is_voter(self.ctx.me) {
+            self.set_key(true);
         }
     }
 
