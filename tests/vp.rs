@@ -348,6 +348,39 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
     for v in &s.voters {
         members.push(c.index_of(v).await.unwrap());
     }
+    // Each member keeps the other two members' contacts next to its log
+    // (checked once a second), to reach them after a restart without the overlay.
+    for (&m, me) in members.iter().zip(&s.voters) {
+        let path = c.hosts[m]
+            .data_dir
+            .join("vps")
+            .join(&vp)
+            .join("contacts.json");
+        let mut others: Vec<String> = s.voters.iter().filter(|v| *v != me).cloned().collect();
+        others.sort();
+        let saved = || {
+            let mut hosts: Vec<String> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Vec<(u64, serde_json::Value)>>(&b).ok())
+                .map(|l| l.iter().map(|(h, _)| format!("{h:016x}")).collect())
+                .unwrap_or_default();
+            hosts.sort();
+            hosts
+        };
+        let found =
+            vp_host::local::poll(Duration::from_secs(10), Duration::from_millis(50), || {
+                let hosts = saved();
+                let ok = hosts == others;
+                async move { ok.then_some(()) }
+            })
+            .await;
+        assert!(
+            found.is_some(),
+            "{}: {:?}, expected {others:?}",
+            path.display(),
+            saved()
+        );
+    }
     for &m in &members {
         c.hosts[m].kill();
     }

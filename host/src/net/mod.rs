@@ -483,6 +483,11 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         }
     }
 
+    /// The addresses `peer` can be dialed at, as far as this host knows.
+    pub fn addresses_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.inner.addresses.get(peer)
+    }
+
     /// Whether any address to dial `peer` at is known (a peer that could
     /// not be reached for want of one is not known to be dead).
     pub fn knows_addresses(&self, peer: &PeerId) -> bool {

@@ -50,6 +50,10 @@ const OUTBOX_RESEND: Duration = Duration::from_secs(2);
 const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the loop runs its own duties even without events.
 const TICK: Duration = Duration::from_millis(20);
+/// File in a virtual peer's directory with the contacts of its other members.
+pub const CONTACTS_FILE: &str = "contacts.json";
+/// How often a member checks whether those contacts changed.
+const CONTACTS_EVERY: Duration = Duration::from_secs(1);
 
 /// What the node (or the API, through it) asks a member thread.
 #[derive(Debug)]
@@ -231,6 +235,25 @@ fn now_us(last: &mut u64) -> Time {
     Time(*last)
 }
 
+/// Teach the directory and the network how to reach the members this copy
+/// knew before it stopped (`CONTACTS_FILE`; missing or unreadable: nothing).
+fn load_contacts(ctx: &MemberContext, dir: &Path) {
+    let Ok(bytes) = std::fs::read(dir.join(CONTACTS_FILE)) else {
+        return;
+    };
+    match serde_json::from_slice::<Vec<(HostId, PeerContact)>>(&bytes) {
+        Ok(list) => {
+            for (host, contact) in list {
+                if ctx.directory.get(host).is_none() {
+                    ctx.directory.learn(host, &contact);
+                }
+                ctx.net.add_addresses(contact.peer, contact.addrs);
+            }
+        }
+        Err(e) => tracing::warn!("ignoring {}: {e}", dir.join(CONTACTS_FILE).display()),
+    }
+}
+
 /// Start (or restart) a member. With `file` given, the virtual peer is new
 /// on this host (written to disk first); without, it is recovered from disk.
 pub fn start_member(
@@ -253,8 +276,10 @@ pub fn start_member(
         None => {
             let bytes = std::fs::read(dir.join("member.json"))
                 .with_context(|| format!("cannot read {}", dir.join("member.json").display()))?;
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is corrupt", dir.join("member.json").display()))?
+            let file = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is corrupt", dir.join("member.json").display()))?;
+            load_contacts(&ctx, &dir);
+            file
         }
     };
     let module = module.into();
@@ -300,6 +325,8 @@ pub fn start_member(
         last_checkpoint: Slot(0),
         log_bytes_since_checkpoint: 0,
         keyed: false,
+        saved_contacts: Vec::new(),
+        contacts_checked: Time(0),
         confirmed: fresh,
         membership,
         leading: false,
@@ -636,6 +663,9 @@ struct Member {
     log_bytes_since_checkpoint: u64,
     /// Whether our key is in the overlay under the virtual peer's prefix.
     keyed: bool,
+    /// Contacts of the other members as last written to `CONTACTS_FILE`.
+    saved_contacts: Vec<(HostId, PeerContact)>,
+    contacts_checked: Time,
     /// Whether this copy is known to be current: started fresh, or, for a
     /// copy that rejoined from disk, a leader of its epoch has been heard
     /// (or it leads). Until then it keeps its key out of the overlay, so
@@ -718,6 +748,10 @@ impl Member {
             if now.since(self.last_tick) >= TICK.as_micros() as u64 {
                 self.last_tick = now;
                 self.duties(now);
+            }
+            if now.since(self.contacts_checked) >= CONTACTS_EVERY.as_micros() as u64 {
+                self.contacts_checked = now;
+                self.save_contacts();
             }
             self.announce_leader(now);
             if !self.confirmed && self.replica.leader_hint().is_some() {
@@ -1417,6 +1451,41 @@ impl Member {
             }
             self.tell_node(MemberOutput::Removed { vp: self.vp() });
             self.stopped = true;
+        }
+    }
+
+    /// Writes how to reach the other members (peer ids and addresses) next
+    /// to the log when it changed, so that after a restart this member can
+    /// reach them at once instead of first looking each up in the overlay.
+    /// A hint, not state: a stale or missing file only costs lookups.
+    fn save_contacts(&mut self) {
+        let me = self.ctx.me;
+        let mut list: Vec<(HostId, PeerContact)> = self
+            .membership
+            .voters
+            .iter()
+            .copied()
+            .chain(self.membership.learners.iter().map(|l| l.host))
+            .filter(|h| *h != me)
+            .filter_map(|h| {
+                let mut c = self.ctx.directory.get(h)?;
+                if c.addrs.is_empty() {
+                    c.addrs = self.ctx.net.addresses_of(&c.peer);
+                }
+                (!c.addrs.is_empty()).then_some((h, c))
+            })
+            .collect();
+        list.sort_by_key(|(h, _)| h.0);
+        if list == self.saved_contacts {
+            return;
+        }
+        let path = vp_dir(&self.ctx.data_dir, self.vp()).join(CONTACTS_FILE);
+        let written = serde_json::to_vec(&list)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| crate::exec::write_atomically(&path, &bytes));
+        match written {
+            Ok(()) => self.saved_contacts = list,
+            Err(e) => tracing::debug!("cannot save the members' contacts: {e:#}"),
         }
     }
 
