@@ -180,6 +180,42 @@ async fn malformed_and_oversized_frames_close_the_connection_only() {
 }
 
 #[tokio::test]
+async fn a_message_after_the_connection_closed_goes_on_a_new_one() {
+    let (a, mut a_events, _) = host(None).await;
+    let (_b, mut b_events, b_addr) = host(None).await;
+    let b_id = a.dial(b_addr).await.unwrap();
+    a.send(b_id, &Msg::Hello(1)).unwrap();
+    assert_eq!(
+        next_message(&mut b_events).await,
+        (a.local_peer_id(), Msg::Hello(1))
+    );
+    // b drops the connection (a bad frame from a makes it do so); a's
+    // writer still holds the stream it opened on that connection.
+    let mut raw = a.open_raw_stream(b_id).await.unwrap();
+    raw.write_all(&[0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc])
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let NetEvent::Disconnected { peer } = a_events.recv().await.expect("events open")
+                && peer == b_id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a sees the connection close");
+    // The old stream fails; the frame goes again on a new connection.
+    a.send(b_id, &Msg::Hello(2)).unwrap();
+    assert_eq!(
+        next_message(&mut b_events).await,
+        (a.local_peer_id(), Msg::Hello(2))
+    );
+}
+
+#[tokio::test]
 async fn raw_tcp_garbage_is_refused_and_the_host_keeps_serving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (victim, mut victim_events, victim_addr) = host(None).await;

@@ -640,54 +640,67 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
             }
         }
         let Some(inner) = inner.upgrade() else { break };
-        if stream.is_none() {
-            match tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer, PROTOCOL))
-                .await
-            {
-                Ok(Ok(s)) => {
-                    stream = Some(s);
-                    failures = 0;
-                }
-                Ok(Err(e)) => {
-                    failures += 1;
-                    inner
-                        .stats
-                        .frames_dropped_unreachable
-                        .fetch_add(frames, Ordering::Relaxed);
-                    let _ = inner.unreachable.try_send(peer);
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::debug!(%peer, failures, "cannot open a stream: {e}; {frames} frames dropped");
+        // A stream kept from before may belong to a connection that has
+        // closed since (the peer was killed, or restarted on the same
+        // address): a failed write is tried once more on a fresh stream
+        // (which dials again) before the frames are dropped. A peer that
+        // cannot be reached then is reported at once.
+        for attempt in 0..2 {
+            if stream.is_none() {
+                let opened =
+                    tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer, PROTOCOL))
+                        .await;
+                match opened {
+                    Ok(Ok(s)) => {
+                        stream = Some(s);
+                        failures = 0;
                     }
-                    continue;
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        inner
+                            .stats
+                            .frames_dropped_unreachable
+                            .fetch_add(frames, Ordering::Relaxed);
+                        let _ = inner.unreachable.try_send(peer);
+                        if failures == 1 || failures.is_power_of_two() {
+                            tracing::debug!(%peer, failures, "cannot open a stream: {e}; {frames} frames dropped");
+                        }
+                        break;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        inner
+                            .stats
+                            .frames_dropped_unreachable
+                            .fetch_add(frames, Ordering::Relaxed);
+                        let _ = inner.unreachable.try_send(peer);
+                        tracing::debug!(%peer, "opening a stream timed out; {frames} frames dropped");
+                        break;
+                    }
                 }
-                Err(_) => {
-                    failures += 1;
+            }
+            let s = stream.as_mut().expect("stream opened above");
+            match write_frames(s, &batch).await {
+                Ok(()) => {
+                    inner.stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
                     inner
                         .stats
-                        .frames_dropped_unreachable
-                        .fetch_add(frames, Ordering::Relaxed);
-                    let _ = inner.unreachable.try_send(peer);
-                    tracing::debug!(%peer, "opening a stream timed out; {frames} frames dropped");
-                    continue;
+                        .bytes_sent
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    break;
                 }
-            }
-        }
-        let s = stream.as_mut().expect("stream opened above");
-        match write_frames(s, &batch).await {
-            Ok(()) => {
-                inner.stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
-                inner
-                    .stats
-                    .bytes_sent
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!(%peer, "stream write failed: {e}; {frames} frames dropped");
-                inner
-                    .stats
-                    .frames_dropped_unreachable
-                    .fetch_add(frames, Ordering::Relaxed);
-                stream = None;
+                Err(e) => {
+                    stream = None;
+                    if attempt == 0 {
+                        tracing::debug!(%peer, "stream write failed: {e}; trying a new stream");
+                    } else {
+                        tracing::debug!(%peer, "stream write failed again: {e}; {frames} frames dropped");
+                        inner
+                            .stats
+                            .frames_dropped_unreachable
+                            .fetch_add(frames, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }

@@ -409,6 +409,7 @@ impl Node {
             VpWire::Located {
                 vp, leader, member, ..
             } => {
+                tracing::debug!(%vp, %member, leader = ?leader.as_ref().map(|(h, _)| *h), "located");
                 self.remember_member(vp, member, from);
                 if let Some((host, contact)) = leader.filter(|(_, c)| self.believable(c)) {
                     self.vps.directory.learn(host, &contact);
@@ -814,6 +815,7 @@ impl Node {
                     .collect()
             })
             .unwrap_or_default();
+        tracing::debug!(%vp, asked_directly = known.len(), "locating the leader (and through the overlay)");
         for contact in known {
             self.send_vp(&contact, msg.clone());
         }
