@@ -1430,6 +1430,19 @@ impl Member {
             return;
         }
         tracing::info!(epoch = membership.epoch.0, voters = ?membership.voters, learners = ?membership.learners, "membership");
+        // Learn now how to reach members this host has never talked to (a
+        // replacement added by the leader): after the next failure any of
+        // them may have to run an election, and a lookup then costs time.
+        for host in membership
+            .voters
+            .iter()
+            .copied()
+            .chain(membership.learners.iter().map(|l| l.host))
+        {
+            if host != self.ctx.me && self.ctx.directory.get(host).is_none() {
+                let _ = self.ctx.node.try_send(MemberOutput::Resolve(host));
+            }
+        }
         if let Some(r) = &self.replacing
             && !membership.is_voter(r.dead)
         {
