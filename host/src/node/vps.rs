@@ -317,6 +317,13 @@ pub enum NodeCall {
     Undeploy { to: PeerContact, vp: VpId },
     /// Send the status query `op` about `vp` to its (now known) leader.
     QueryStatus { vp: VpId, op: u64 },
+    /// A founding member's module finished compiling (off the node task):
+    /// start the member and answer the deployment.
+    Compiled {
+        deploy: Box<Deploy>,
+        reply_to: PeerContact,
+        module: Result<Arc<crate::sandbox::LoadedModule>, String>,
+    },
 }
 
 fn consensus_host(h: vp_alm::HostId) -> HostId {
@@ -1228,7 +1235,6 @@ impl Node {
     }
 
     fn deploy_with_module(&mut self, deploy: Deploy, reply_to: PeerContact) {
-        let vp = deploy.config.vp;
         let Some(bytes) = self.vps.modules.get(&deploy.config.module) else {
             self.ack_deploy(
                 &deploy,
@@ -1238,29 +1244,41 @@ impl Node {
             return;
         };
         // A founding member compiles first, so a module that does not load
-        // fails the spawn. A learner replaces a member that ran this module:
-        // it starts at once and compiles while the snapshot comes.
-        let module = if deploy.founding.is_none() {
-            match ModuleSource::compile(self.vps.sandbox.clone(), bytes.to_vec()) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.ack_deploy(&deploy, &reply_to, Err(format!("{e:#}")));
-                    return;
-                }
-            }
-        } else {
-            match self.vps.sandbox.load(&bytes) {
-                Ok(m) => ModuleSource::Loaded(m),
-                Err(e) => {
-                    self.ack_deploy(
-                        &deploy,
-                        &reply_to,
-                        Err(format!("the module does not load here: {e}")),
-                    );
-                    return;
-                }
+        // fails the spawn; on a blocking thread, so this host's other virtual
+        // peers and its overlay keep running meanwhile (a compile takes
+        // hundreds of milliseconds). A learner replaces a member that ran
+        // this module: it starts at once and compiles while the snapshot comes.
+        if deploy.founding.is_some() {
+            let (sandbox, bytes, calls) =
+                (self.vps.sandbox.clone(), bytes.to_vec(), self.calls.clone());
+            tokio::task::spawn_blocking(move || {
+                let module = sandbox.load(&bytes).map_err(|e| e.to_string());
+                let _ = calls.blocking_send(NodeCall::Compiled {
+                    deploy: Box::new(deploy),
+                    reply_to,
+                    module,
+                });
+            });
+            return;
+        }
+        let module = match ModuleSource::compile(self.vps.sandbox.clone(), bytes.to_vec()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.ack_deploy(&deploy, &reply_to, Err(format!("{e:#}")));
+                return;
             }
         };
+        self.start_deployed(deploy, reply_to, module);
+    }
+
+    /// Start the member a deployment asked for and answer the deployer.
+    fn start_deployed(&mut self, deploy: Deploy, reply_to: PeerContact, module: ModuleSource) {
+        let vp = deploy.config.vp;
+        if self.vps.members.contains_key(&vp) {
+            // A retry of the same deployment got here first.
+            self.ack_deploy(&deploy, &reply_to, Ok(()));
+            return;
+        }
         let file = MemberFile {
             config: deploy.config.clone(),
             founding: deploy.founding.clone(),
@@ -1380,6 +1398,18 @@ impl Node {
                     self.send_vp(&contact, VpWire::StatusQuery { vp, op });
                 }
             }
+            NodeCall::Compiled {
+                deploy,
+                reply_to,
+                module,
+            } => match module {
+                Ok(m) => self.start_deployed(*deploy, reply_to, ModuleSource::Loaded(m)),
+                Err(e) => self.ack_deploy(
+                    &deploy,
+                    &reply_to,
+                    Err(format!("the module does not load here: {e}")),
+                ),
+            },
         }
     }
 
@@ -1577,15 +1607,17 @@ impl Node {
                 let _ = progress.send(SpawnEvent::Failed { error }).await;
             });
         };
-        // Refuse a bad module here, with the sandbox's own error, before any host is involved.
-        let loaded = match self.vps.sandbox.load(&module) {
-            Ok(m) => m,
-            Err(e) => return fail(progress, format!("the module was refused: {e}")),
-        };
-        let hash = match self.vps.modules.put(&module) {
-            Ok(h) => h,
-            Err(e) => return fail(progress, format!("cannot store the module: {e:#}")),
-        };
+        if module.len() > crate::sandbox::MODULE_BYTES_MAX {
+            return fail(
+                progress,
+                format!(
+                    "the module is {} bytes; at most {}",
+                    module.len(),
+                    crate::sandbox::MODULE_BYTES_MAX
+                ),
+            );
+        }
+        let hash = crate::sandbox::ModuleHash::of(&module);
         let defaults = crate::sandbox::GuestLimits::default();
         let limits = crate::sandbox::GuestLimits {
             fuel_per_message: params.fuel_per_message.unwrap_or(defaults.fuel_per_message),
@@ -1611,7 +1643,29 @@ impl Node {
         }
         let calls = self.calls.clone();
         let me = self.me.contact.clone();
+        let (sandbox, store) = (self.vps.sandbox.clone(), self.vps.modules.clone());
         tokio::spawn(async move {
+            // Refuse a bad module here, with the sandbox's own error, before
+            // any host is involved; compiled on a blocking thread, not on the
+            // node task (the compiled module is cached for the local member).
+            let checked = tokio::task::spawn_blocking(move || {
+                let loaded = sandbox
+                    .load(&module)
+                    .map_err(|e| format!("the module was refused: {e}"))?;
+                store
+                    .put(&module)
+                    .map_err(|e| format!("cannot store the module: {e:#}"))?;
+                Ok::<_, String>(loaded)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("the module check failed: {e}")));
+            let loaded = match checked {
+                Ok(l) => l,
+                Err(error) => {
+                    let _ = progress.send(SpawnEvent::Failed { error }).await;
+                    return;
+                }
+            };
             let _ = progress
                 .send(SpawnEvent::Progress {
                     message: format!(
