@@ -478,7 +478,14 @@ fn run_join(args: JoinArgs, data_dir: PathBuf, api: Option<std::net::SocketAddr>
         alm: vp_alm::Config::default(),
         net: vp_host::net::NetConfig::default(),
     };
-    runtime()?.block_on(vp_host::node::run(config, shutdown_signal()))
+    // The node runs as a task on the worker threads, not on this thread: a
+    // request then goes from the API's task to the node's and back without
+    // waking a thread that is not a worker.
+    runtime()?.block_on(async {
+        tokio::spawn(vp_host::node::run(config, shutdown_signal()))
+            .await
+            .context("the node task panicked")?
+    })
 }
 
 fn client(
