@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 pub enum Beat {
     /// A task on the tokio runtime's worker threads.
     Runtime = 0,
-    /// The node task's tick (it runs on the thread that drives the node).
+    /// The node task's 25 ms tick (the node is one task: a long input
+    /// stops it while the other tasks run on).
     Node = 1,
 }
 
