@@ -650,33 +650,26 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
                 let opened =
                     tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer, PROTOCOL))
                         .await;
-                match opened {
+                let why = match opened {
                     Ok(Ok(s)) => {
                         stream = Some(s);
                         failures = 0;
+                        None
                     }
-                    Ok(Err(e)) => {
-                        failures += 1;
-                        inner
-                            .stats
-                            .frames_dropped_unreachable
-                            .fetch_add(frames, Ordering::Relaxed);
-                        let _ = inner.unreachable.try_send(peer);
-                        if failures == 1 || failures.is_power_of_two() {
-                            tracing::debug!(%peer, failures, "cannot open a stream: {e}; {frames} frames dropped");
-                        }
-                        break;
+                    Ok(Err(e)) => Some(format!("cannot open a stream: {e}")),
+                    Err(_) => Some("opening a stream timed out".to_string()),
+                };
+                if let Some(why) = why {
+                    failures += 1;
+                    inner
+                        .stats
+                        .frames_dropped_unreachable
+                        .fetch_add(frames, Ordering::Relaxed);
+                    let _ = inner.unreachable.try_send(peer);
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::debug!(%peer, failures, "{why}; {frames} frames dropped");
                     }
-                    Err(_) => {
-                        failures += 1;
-                        inner
-                            .stats
-                            .frames_dropped_unreachable
-                            .fetch_add(frames, Ordering::Relaxed);
-                        let _ = inner.unreachable.try_send(peer);
-                        tracing::debug!(%peer, "opening a stream timed out; {frames} frames dropped");
-                        break;
-                    }
+                    break;
                 }
             }
             let s = stream.as_mut().expect("stream opened above");
