@@ -39,8 +39,14 @@ pub fn beat(beat: Beat) {
 }
 
 /// Starts the watchdog: a runtime task that beats, and a thread that looks.
-/// Call from inside the runtime. A beat that has never beaten is not watched.
+/// Call from inside the runtime; once per process (later calls, as from a
+/// second node in one test process, do nothing). A beat that has never
+/// beaten is not watched.
 pub fn start() {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
     now_ms();
     tokio::spawn(async {
         let mut tick = tokio::time::interval(PERIOD);

@@ -672,7 +672,7 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
                     break;
                 }
             }
-            let s = stream.as_mut().expect("stream opened above");
+            let Some(s) = stream.as_mut() else { break };
             match write_frames(s, &batch).await {
                 Ok(()) => {
                     inner.stats.frames_sent.fetch_add(frames, Ordering::Relaxed);

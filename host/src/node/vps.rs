@@ -1607,27 +1607,18 @@ impl Node {
                 let _ = progress.send(SpawnEvent::Failed { error }).await;
             });
         };
-        if module.len() > crate::sandbox::MODULE_BYTES_MAX {
-            return fail(
-                progress,
-                format!(
-                    "the module is {} bytes; at most {}",
-                    module.len(),
-                    crate::sandbox::MODULE_BYTES_MAX
-                ),
-            );
-        }
-        let hash = crate::sandbox::ModuleHash::of(&module);
         let defaults = crate::sandbox::GuestLimits::default();
         let limits = crate::sandbox::GuestLimits {
             fuel_per_message: params.fuel_per_message.unwrap_or(defaults.fuel_per_message),
             memory_bytes_max: params.memory_max.unwrap_or(defaults.memory_bytes_max),
             ..defaults
         };
-        let config = VpConfig {
+        let mut config = VpConfig {
             vp: VpId(rand::random()),
             name: params.name.clone(),
-            module: hash,
+            // Filled in by the check below, which hashes the module off the
+            // node task (with its size limit and compilation).
+            module: crate::sandbox::ModuleHash([0; 32]),
             module_bytes: module.len() as u64,
             limits,
             members: params.members.unwrap_or(3),
@@ -1666,6 +1657,7 @@ impl Node {
                     return;
                 }
             };
+            config.module = loaded.hash();
             let _ = progress
                 .send(SpawnEvent::Progress {
                     message: format!(
