@@ -15,7 +15,9 @@ use anyhow::{Context, Result, anyhow, ensure};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::api::stream::SendStream;
 use crate::local::LocalCluster;
+use crate::node::api::SendRequest;
 
 /// Where a benchmark's hosts keep their data: a fresh temporary directory,
 /// removed afterwards unless the run fails.
@@ -64,6 +66,8 @@ pub struct CommitReport {
     pub bench: &'static str,
     pub members: usize,
     pub clients: usize,
+    /// Send streams the clients share (0: one HTTP request per message).
+    pub streams: usize,
     pub message_bytes: usize,
     pub seconds: f64,
     /// Closed loop, every client sending as fast as replies come.
@@ -109,6 +113,7 @@ async fn load(
     c: &Arc<LocalCluster>,
     via: usize,
     vp: &str,
+    streams: &[SendStream],
     clients: usize,
     bytes: usize,
     seconds: f64,
@@ -133,8 +138,9 @@ async fn load(
         Arc::new(tokio::sync::Mutex::new(rx))
     });
     let mut tasks = Vec::new();
-    for _ in 0..clients {
+    for i in 0..clients {
         let (c, vp, schedule) = (c.clone(), vp.to_string(), schedule.clone());
+        let stream = (!streams.is_empty()).then(|| streams[i % streams.len()].clone());
         let msg = note(bytes);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -148,7 +154,11 @@ async fn load(
                     None if Instant::now() < end => Instant::now(),
                     None => break,
                 };
-                match c.send(via, &vp, msg.clone(), false).await {
+                let answer = match &stream {
+                    Some(s) => s.send(SendRequest { msg: msg.clone(), read: false, timeout_ms: Some(60_000) }).await.map_err(anyhow::Error::from),
+                    None => c.send(via, &vp, msg.clone(), false).await,
+                };
+                match answer {
                     Ok(a) if a.error.is_none() => lat.push(start.elapsed().as_secs_f64() * 1e3),
                     _ => errors += 1,
                 }
@@ -198,6 +208,7 @@ fn clock_ticks_per_s() -> f64 {
 /// `vp-host bench commit`.
 pub async fn commit(
     clients: usize,
+    streams: usize,
     bytes: usize,
     seconds: f64,
     rates: &[f64],
@@ -210,8 +221,13 @@ pub async fn commit(
         .await?;
     let leader = s.leader.clone().context("no leader")?;
     let via = c.index_of(&leader).context("leader not running")?;
+    let mut opened = Vec::new();
+    for _ in 0..streams {
+        opened.push(c.hosts[via].api.stream(&vp).await?);
+    }
+    let streams = opened;
     // Warm up (connections, JIT of nothing: the guest is compiled at deploy).
-    let _ = load(&c, via, &vp, clients, bytes, 1.0, None).await;
+    let _ = load(&c, via, &vp, &streams, clients, bytes, 1.0, None).await;
     let slots_before = c.vp_status(via, &vp).await?.decided_below;
     let mut pids: Vec<u32> = std::iter::once(via)
         .chain((0..c.hosts.len()).filter(|&i| i != via))
@@ -219,7 +235,7 @@ pub async fn commit(
         .collect();
     pids.push(std::process::id());
     let cpu_before = cpu_ticks(&pids);
-    let (n, lat, e1) = load(&c, via, &vp, clients, bytes, seconds, None).await;
+    let (n, lat, e1) = load(&c, via, &vp, &streams, clients, bytes, seconds, None).await;
     let cpu_after = cpu_ticks(&pids);
     let slots = c.vp_status(via, &vp).await?.decided_below - slots_before;
     let cpu_s: Vec<f64> = cpu_before
@@ -228,10 +244,10 @@ pub async fn commit(
         .map(|(b, a)| a.saturating_sub(*b) as f64 / clock_ticks_per_s())
         .collect();
     let peak = n as f64 / seconds;
-    let (qn, qlat, mut e2) = load(&c, via, &vp, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let (qn, qlat, mut e2) = load(&c, via, &vp, &streams, clients, bytes, seconds, Some(peak / 4.0)).await;
     let mut at_rates = Vec::new();
     for &rate in rates {
-        let (n, lat, e) = load(&c, via, &vp, clients, bytes, seconds, Some(rate)).await;
+        let (n, lat, e) = load(&c, via, &vp, &streams, clients, bytes, seconds, Some(rate)).await;
         e2 += e;
         at_rates.push(RatePoint {
             offered_msgs_per_s: rate,
@@ -244,6 +260,7 @@ pub async fn commit(
         bench: "commit",
         members: 3,
         clients,
+        streams: streams.len(),
         message_bytes: bytes,
         seconds,
         peak_msgs_per_s: peak,

@@ -271,6 +271,11 @@ enum BenchCommand {
         /// Concurrent clients.
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Send streams (kept-open connections carrying many messages each,
+        /// docs/host.md) the clients share; 0 sends each message as its own
+        /// HTTP request, as `vp-host send <vp> <json>` does.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
         /// Size of each message (JSON), bytes.
         #[arg(long, default_value_t = 100)]
         message_bytes: usize,
@@ -808,12 +813,14 @@ fn main() -> ExitCode {
                 }
                 BenchCommand::Commit {
                     clients,
+                    streams,
                     message_bytes,
                     seconds,
                     rates,
                 } => runtime().and_then(|rt| {
                     rt.block_on(vp_host::bench_vp::commit(
                         clients,
+                        streams,
                         message_bytes,
                         seconds,
                         &rates,

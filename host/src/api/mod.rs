@@ -21,6 +21,8 @@ use serde::de::DeserializeOwned;
 
 use crate::net::identity::{read_private_file, write_private_file};
 
+pub mod stream;
+
 /// File in the data directory holding the API token.
 pub const API_TOKEN_FILE: &str = "api-token";
 /// File in the data directory holding the address the API listens on.

@@ -29,15 +29,18 @@ pub enum NodeRequest {
     Spawn(SpawnParams, Vec<u8>, mpsc::Sender<SpawnEvent>),
     /// Errors carry their HTTP status: an unknown virtual peer is 404, a
     /// message that cannot be encoded 400, the rest 503 (retry later).
-    Send(
-        String,
-        SendRequest,
-        oneshot::Sender<Result<SendAnswer, ApiError>>,
-    ),
+    Send(String, SendRequest, SendWaiter),
+    /// Several sends to one virtual peer at once (a send stream's batch).
+    SendMany(String, Vec<(SendRequest, SendWaiter)>),
+    /// The id (16 hex digits) of the virtual peer with this id or name.
+    Resolve(String, oneshot::Sender<Result<String, String>>),
     VpList(oneshot::Sender<Vec<VpStatus>>),
     VpStatus(String, oneshot::Sender<Result<VpStatus, String>>),
     VpDigest(String, oneshot::Sender<Result<String, String>>),
 }
+
+/// Where the answer to one send goes.
+pub type SendWaiter = oneshot::Sender<Result<SendAnswer, ApiError>>;
 
 /// `POST /v1/vps?members=3&name=..&fuel_per_message=..&memory_max=..` with the
 /// module as the body. Answers with JSON lines: progress, then done or failed.
@@ -310,6 +313,7 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/vps", get(vp_list).post(spawn))
         .route("/v1/vps/{vp}", get(vp_status))
         .route("/v1/vps/{vp}/send", post(send))
+        .route("/v1/vps/{vp}/stream", get(super::stream::route))
         .route("/v1/vps/{vp}/digest", get(vp_digest))
         .with_state(tx)
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod overlay;
+mod stream;
 pub mod vps;
 
 use std::collections::{HashMap, VecDeque};
@@ -513,6 +514,8 @@ impl Node {
             }
             NodeRequest::Spawn(..)
             | NodeRequest::Send(..)
+            | NodeRequest::SendMany(..)
+            | NodeRequest::Resolve(..)
             | NodeRequest::VpList(..)
             | NodeRequest::VpStatus(..)
             | NodeRequest::VpDigest(..) => self.on_vp_request(request),

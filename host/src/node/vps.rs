@@ -1502,52 +1502,69 @@ impl Node {
         }
     }
 
+    /// Start one send to a virtual peer (the send route's and a send stream's).
+    fn start_send(
+        &mut self,
+        name: &str,
+        req: super::api::SendRequest,
+        reply: super::api::SendWaiter,
+    ) {
+        use crate::api::ApiError;
+        let vp = match self.resolve_vp(name) {
+            Ok(vp) => vp,
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::not_found(e)));
+                return;
+            }
+        };
+        let payload = match vp_guest_sdk::abi::encode(&req.msg) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::bad_request(format!(
+                    "cannot encode the message: {e}"
+                ))));
+                return;
+            }
+        };
+        let timeout = req.timeout_ms.map_or(SEND_TIMEOUT, Duration::from_millis);
+        if timeout > SEND_TIMEOUT_MAX {
+            let _ = reply.send(Err(ApiError::bad_request(format!(
+                "timeout_ms is at most {} (a request is retried for at most {} s)",
+                SEND_TIMEOUT_MAX.as_millis(),
+                SEND_TIMEOUT_MAX.as_secs()
+            ))));
+            return;
+        }
+        // Taken last: a session taken is given back only with an answer.
+        let (client, seq) = if req.read {
+            (new_session_id(), 0)
+        } else {
+            self.take_session()
+        };
+        let request = Request {
+            vp,
+            client,
+            seq,
+            ack_below: seq,
+            payload,
+            read: req.read,
+            reply_to: self.me.contact.clone(),
+        };
+        self.start_request(request, Waiter::Http(reply), timeout);
+        }
+
     pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
         use super::api::NodeRequest;
-        use crate::api::ApiError;
         match request {
             NodeRequest::Spawn(params, module, progress) => self.spawn(params, module, progress),
-            NodeRequest::Send(name, req, reply) => {
-                let vp = match self.resolve_vp(&name) {
-                    Ok(vp) => vp,
-                    Err(e) => {
-                        let _ = reply.send(Err(ApiError::not_found(e)));
-                        return;
-                    }
-                };
-                let payload = match vp_guest_sdk::abi::encode(&req.msg) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = reply.send(Err(ApiError::bad_request(format!(
-                            "cannot encode the message: {e}"
-                        ))));
-                        return;
-                    }
-                };
-                let (client, seq) = if req.read {
-                    (new_session_id(), 0)
-                } else {
-                    self.take_session()
-                };
-                let request = Request {
-                    vp,
-                    client,
-                    seq,
-                    ack_below: seq,
-                    payload,
-                    read: req.read,
-                    reply_to: self.me.contact.clone(),
-                };
-                let timeout = req.timeout_ms.map_or(SEND_TIMEOUT, Duration::from_millis);
-                if timeout > SEND_TIMEOUT_MAX {
-                    let _ = reply.send(Err(ApiError::bad_request(format!(
-                        "timeout_ms is at most {} (a request is retried for at most {} s)",
-                        SEND_TIMEOUT_MAX.as_millis(),
-                        SEND_TIMEOUT_MAX.as_secs()
-                    ))));
-                    return;
+            NodeRequest::Send(name, req, reply) => self.start_send(&name, req, reply),
+            NodeRequest::SendMany(name, batch) => {
+                for (req, reply) in batch {
+                    self.start_send(&name, req, reply);
                 }
-                self.start_request(request, Waiter::Http(reply), timeout);
+            }
+            NodeRequest::Resolve(name, reply) => {
+                let _ = reply.send(self.resolve_vp(&name).map(|vp| vp.to_string()));
             }
             NodeRequest::VpList(reply) => {
                 let pending = self.member_statuses();
