@@ -87,6 +87,7 @@ async fn spawn_send_status_and_every_example_app() {
     assert!(api.message.contains("no-such-vp"), "{api}");
     let err = c.send(4, &counter, json!({"add": "x"})).await.unwrap();
     assert!(err.error.unwrap().contains("cannot decode message"));
+    send_streams(&c, &counter).await;
     for i in 0..5 {
         let s = c
             .vp_status(i, &counter)
@@ -135,18 +136,134 @@ async fn spawn_send_status_and_every_example_app() {
     );
 }
 
+/// Send streams (docs/host.md): `vp-host send <vp> -` and the protocol
+/// itself, on a counter that stands at 3.
+async fn send_streams(c: &Cluster, counter: &str) {
+    let h = &c.hosts[1];
+    let data_dir = h.data_dir.to_str().unwrap();
+    // In order, one at a time; a line that is not JSON and an error reply
+    // each answer in their place and the rest go on.
+    let input = "{\"add\": 1}\n{\"add\": 1}\n\nnot json\n{\"add\": \"x\"}\n{\"add\": 1}\n";
+    let out = common::run(&["--data-dir", data_dir, "send", counter, "-"], input);
+    let lines = common::stdout_lines(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed line fails the command: {out:?}"
+    );
+    assert_eq!(lines.len(), 5, "one answer per message line: {lines:?}");
+    assert_eq!(lines[0..2], ["4", "5"]);
+    assert!(
+        lines[2].contains("\"failed\"") && lines[2].contains("not JSON"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[3].contains("cannot decode message"), "{}", lines[3]);
+    assert_eq!(lines[5 - 1], "6");
+    // 50 at once, 16 in flight: each applied once (distinct totals 7..=56),
+    // answers in input order whatever order they completed in.
+    let input: String = (0..50).map(|_| "{\"add\": 1}\n").collect();
+    let out = common::run(
+        &[
+            "--data-dir",
+            data_dir,
+            "send",
+            counter,
+            "-",
+            "--in-flight",
+            "16",
+        ],
+        &input,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let totals: BTreeSet<i64> = common::stdout_lines(&out)
+        .iter()
+        .map(|l| l.parse().expect("a total"))
+        .collect();
+    assert_eq!(totals, (7..=56).collect(), "every add applied exactly once");
+
+    // The protocol by hand: upgrade, then JSON lines each way.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let token = std::fs::read_to_string(h.data_dir.join("api-token")).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(h.api.addr()).await.unwrap();
+    let head = format!(
+        "GET /v1/vps/{counter}/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: upgrade\r\nupgrade: vp-stream\r\n\r\n",
+        token.trim()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut rd = BufReader::new(tcp);
+    let mut line = String::new();
+    rd.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 101"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        rd.read_line(&mut line).await.unwrap();
+    }
+    rd.get_mut()
+        .write_all(b"{\"id\": 9, \"msg\": {\"add\": 2}}\n{\"id\": 10}\n[1,2\n{\"id\": 11, \"msg\": \"get\", \"read\": true}\n")
+        .await
+        .unwrap();
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        line.clear();
+        rd.read_line(&mut line).await.unwrap();
+        let a: Value = serde_json::from_str(&line).unwrap();
+        answers.insert(a["id"].as_u64().unwrap_or(0), a);
+    }
+    assert_eq!(answers[&9]["reply"], json!(58));
+    assert_eq!(
+        answers[&10]["status"],
+        json!(400),
+        "no msg: {:?}",
+        answers[&10]
+    );
+    assert_eq!(
+        answers[&0]["status"],
+        json!(400),
+        "not a request: {:?}",
+        answers[&0]
+    );
+    assert!(
+        answers[&11]["reply"].as_i64().unwrap() >= 56,
+        "{:?}",
+        answers[&11]
+    );
+    // Closing our side ends the stream once the answers are out.
+    rd.get_mut().shutdown().await.unwrap();
+    line.clear();
+    assert_eq!(
+        rd.read_line(&mut line).await.unwrap(),
+        0,
+        "closed after: {line}"
+    );
+
+    // Refused before switching: an unknown virtual peer.
+    let e = h.api.stream("no-such-vp").await.expect_err("unknown name");
+    let e = e
+        .downcast_ref::<vp_host::api::ApiError>()
+        .expect("an API error");
+    assert_eq!(e.status, 404, "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-hostile", 4).await;
     let err = c
-        .spawn(0, b"not a wasm module at all", "")
+        .spawn(0, b"not a wasm module at all", "&name=broken")
         .await
         .unwrap_err();
     assert!(
         format!("{err:#}").contains("not a WebAssembly module"),
         "{err:#}"
     );
+    // A spawn that failed leaves no name behind: unknown (404), not a virtual
+    // peer that never answers.
+    let err = c.send(0, "broken", json!("get")).await.unwrap_err();
+    let api = err
+        .downcast_ref::<vp_host::api::ApiError>()
+        .expect("an API error");
+    assert_eq!(api.status, 404, "{api}");
     let wasi = wat::parse_str(
         r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))"#,
     )
@@ -220,6 +337,12 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
     for process in 0..4usize {
         let (c, vp, stop, history) = (c.clone(), vp.clone(), stop.clone(), history.clone());
         let via = vias[process % vias.len()];
+        // Half the clients send over send streams, half one request each.
+        let stream = if process >= 2 {
+            Some(c.hosts[via].api.stream(&vp).await.unwrap())
+        } else {
+            None
+        };
         clients.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut n = 0i64;
@@ -240,7 +363,18 @@ async fn leader_killed_under_load_loses_nothing_and_applies_nothing_twice() {
                     writeln!(f, "{}", serde_json::to_string(&e).unwrap()).unwrap();
                 };
                 log("invoke", None);
-                match c.send(via, &vp, json!({"add": value})).await {
+                let answer = match &stream {
+                    Some(s) => s
+                        .send(vp_host::node::api::SendRequest {
+                            msg: json!({"add": value}),
+                            read: false,
+                            timeout_ms: Some(60_000),
+                        })
+                        .await
+                        .map_err(anyhow::Error::from),
+                    None => c.send(via, &vp, json!({"add": value})).await,
+                };
+                match answer {
                     Ok(answer) if answer.error.is_none() => {
                         let total = answer.reply.and_then(|v| v.as_i64()).expect("a total");
                         log("ok", Some(total));

@@ -109,11 +109,17 @@ pub struct RatePoint {
 /// client counts the wait). The pacer sleeps on the OS clock, not on tokio's
 /// timer, whose millisecond ticks would add up to a millisecond to each
 /// figure.
-async fn load(
-    c: &Arc<LocalCluster>,
+/// Where the load goes: virtual peer `vp` through host `via`, over the send
+/// `streams` if there are any (else one HTTP request per message).
+struct Target<'a> {
+    c: &'a Arc<LocalCluster>,
     via: usize,
-    vp: &str,
-    streams: &[SendStream],
+    vp: &'a str,
+    streams: &'a [SendStream],
+}
+
+async fn load(
+    t: &Target<'_>,
     clients: usize,
     bytes: usize,
     seconds: f64,
@@ -138,8 +144,9 @@ async fn load(
         Arc::new(tokio::sync::Mutex::new(rx))
     });
     let mut tasks = Vec::new();
+    let (via, streams) = (t.via, t.streams);
     for i in 0..clients {
-        let (c, vp, schedule) = (c.clone(), vp.to_string(), schedule.clone());
+        let (c, vp, schedule) = (t.c.clone(), t.vp.to_string(), schedule.clone());
         let stream = (!streams.is_empty()).then(|| streams[i % streams.len()].clone());
         let msg = note(bytes);
         tasks.push(tokio::spawn(async move {
@@ -155,7 +162,14 @@ async fn load(
                     None => break,
                 };
                 let answer = match &stream {
-                    Some(s) => s.send(SendRequest { msg: msg.clone(), read: false, timeout_ms: Some(60_000) }).await.map_err(anyhow::Error::from),
+                    Some(s) => s
+                        .send(SendRequest {
+                            msg: msg.clone(),
+                            read: false,
+                            timeout_ms: Some(60_000),
+                        })
+                        .await
+                        .map_err(anyhow::Error::from),
                     None => c.send(via, &vp, msg.clone(), false).await,
                 };
                 match answer {
@@ -226,8 +240,14 @@ pub async fn commit(
         opened.push(c.hosts[via].api.stream(&vp).await?);
     }
     let streams = opened;
+    let target = Target {
+        c: &c,
+        via,
+        vp: &vp,
+        streams: &streams,
+    };
     // Warm up (connections, JIT of nothing: the guest is compiled at deploy).
-    let _ = load(&c, via, &vp, &streams, clients, bytes, 1.0, None).await;
+    let _ = load(&target, clients, bytes, 1.0, None).await;
     let slots_before = c.vp_status(via, &vp).await?.decided_below;
     let mut pids: Vec<u32> = std::iter::once(via)
         .chain((0..c.hosts.len()).filter(|&i| i != via))
@@ -235,7 +255,7 @@ pub async fn commit(
         .collect();
     pids.push(std::process::id());
     let cpu_before = cpu_ticks(&pids);
-    let (n, lat, e1) = load(&c, via, &vp, &streams, clients, bytes, seconds, None).await;
+    let (n, lat, e1) = load(&target, clients, bytes, seconds, None).await;
     let cpu_after = cpu_ticks(&pids);
     let slots = c.vp_status(via, &vp).await?.decided_below - slots_before;
     let cpu_s: Vec<f64> = cpu_before
@@ -244,10 +264,10 @@ pub async fn commit(
         .map(|(b, a)| a.saturating_sub(*b) as f64 / clock_ticks_per_s())
         .collect();
     let peak = n as f64 / seconds;
-    let (qn, qlat, mut e2) = load(&c, via, &vp, &streams, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let (qn, qlat, mut e2) = load(&target, clients, bytes, seconds, Some(peak / 4.0)).await;
     let mut at_rates = Vec::new();
     for &rate in rates {
-        let (n, lat, e) = load(&c, via, &vp, &streams, clients, bytes, seconds, Some(rate)).await;
+        let (n, lat, e) = load(&target, clients, bytes, seconds, Some(rate)).await;
         e2 += e;
         at_rates.push(RatePoint {
             offered_msgs_per_s: rate,

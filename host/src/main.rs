@@ -59,12 +59,21 @@ enum Command {
     Spawn(SpawnArgs),
     /// Send one message (JSON) to a virtual peer and print its reply. Retries
     /// through leader changes with the same session and sequence number, so it
-    /// takes effect exactly once. Exit status 3 for an error reply.
+    /// takes effect exactly once. Exit status 3 for an error reply. With `-`
+    /// for the message: one message per line of standard input, over one
+    /// send stream, one answer line each in input order.
     Send {
         /// The virtual peer: id (16 hex digits) or a name known to this host.
         vp: String,
-        /// The message, as JSON (e.g. '{"add": 5}').
+        /// The message, as JSON (e.g. '{"add": 5}'); `-` reads messages from
+        /// standard input, one per line.
         msg: String,
+        /// With `-`: messages in flight at once. 1 (the default) applies them
+        /// in input order; more are concurrent (the virtual peer may order
+        /// those in flight together either way); answers stay in input order.
+        #[arg(long, default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..=4096))]
+        in_flight: u32,
         /// Answer through the linearizable read path (no log entry; the app's `read`).
         #[arg(long)]
         read: bool,
@@ -674,6 +683,30 @@ fn run_spawn(
 }
 
 /// Returns whether the reply was a success (false: an error reply).
+/// How `vp-host send` ended: exit status 0, 3 (an error reply) or 1 (a
+/// message not delivered, with `-`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SendOutcome {
+    Replied,
+    ErrorReply,
+    Failed,
+}
+
+/// Print an answer as `vp-host send` does: the reply as it is, an error reply
+/// as `{"error": ...}`.
+fn print_answer(answer: vp_host::node::api::SendAnswer) -> SendOutcome {
+    match (answer.reply, answer.error) {
+        (_, Some(error)) => {
+            println!("{}", serde_json::json!({ "error": error }));
+            SendOutcome::ErrorReply
+        }
+        (reply, None) => {
+            println!("{}", reply.unwrap_or(serde_json::Value::Null));
+            SendOutcome::Replied
+        }
+    }
+}
+
 fn run_send(
     vp: &str,
     msg: &str,
@@ -681,7 +714,7 @@ fn run_send(
     timeout_ms: u64,
     api: Option<std::net::SocketAddr>,
     data_dir: &std::path::Path,
-) -> Result<bool> {
+) -> Result<SendOutcome> {
     use vp_host::node::api::{SendAnswer, SendRequest};
     let msg: serde_json::Value =
         serde_json::from_str(msg).with_context(|| format!("the message is not JSON: {msg}"))?;
@@ -692,16 +725,77 @@ fn run_send(
     };
     let answer: SendAnswer = runtime()?
         .block_on(client(api, data_dir)?.post(&format!("/v1/vps/{vp}/send"), &request))?;
-    match (answer.reply, answer.error) {
-        (_, Some(error)) => {
-            println!("{}", serde_json::json!({ "error": error }));
-            Ok(false)
+    Ok(print_answer(answer))
+}
+
+/// `vp-host send <vp> -`: messages from standard input over one send stream,
+/// at most `in_flight` at once, answers printed in input order. A line that
+/// is not JSON, or a message that cannot be delivered, prints
+/// `{"failed": ...}` in its place and the rest go on.
+fn run_send_lines(
+    vp: &str,
+    in_flight: usize,
+    read: bool,
+    timeout_ms: u64,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<SendOutcome> {
+    use futures::StreamExt;
+    use std::io::BufRead;
+    use vp_host::node::api::SendRequest;
+    let client = client(api, data_dir)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let stream = client.stream(vp).await?;
+        // Lines are read on a blocking thread so a slow producer (a pipe)
+        // does not hold up answers already due.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(in_flight);
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let last = line.is_err();
+                if tx.blocking_send(line).is_err() || last {
+                    return;
+                }
+            }
+        });
+        let answers = tokio_stream_of(rx)
+            .filter(|line| std::future::ready(!matches!(line, Ok(l) if l.trim().is_empty())))
+            .map(|line| {
+                let stream = stream.clone();
+                async move {
+                    let line = line.map_err(|e| format!("cannot read standard input: {e}"))?;
+                    let msg: serde_json::Value = serde_json::from_str(&line)
+                        .map_err(|e| format!("not JSON ({e}): {line}"))?;
+                    let req = SendRequest {
+                        msg,
+                        read,
+                        timeout_ms: Some(timeout_ms),
+                    };
+                    stream.send(req).await.map_err(|e| e.message)
+                }
+            })
+            .buffered(in_flight);
+        futures::pin_mut!(answers);
+        let mut worst = SendOutcome::Replied;
+        while let Some(answer) = answers.next().await {
+            let outcome = match answer {
+                Ok(answer) => print_answer(answer),
+                Err(failed) => {
+                    println!("{}", serde_json::json!({ "failed": failed }));
+                    SendOutcome::Failed
+                }
+            };
+            worst = worst.max(outcome);
         }
-        (reply, None) => {
-            println!("{}", reply.unwrap_or(serde_json::Value::Null));
-            Ok(true)
-        }
-    }
+        Ok(worst)
+    })
+}
+
+/// A stream of what arrives on `rx`.
+fn tokio_stream_of<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 fn run_overlay(
@@ -781,13 +875,27 @@ fn main() -> ExitCode {
         Command::Send {
             vp,
             msg,
+            in_flight,
             read,
             timeout_ms,
         } => {
             init_logging(cli.log_format, "warn");
-            match run_send(&vp, &msg, read, timeout_ms, cli.api, &data_dir) {
-                Ok(true) => Ok(()),
-                Ok(false) => return ExitCode::from(3),
+            let sent = if msg == "-" {
+                run_send_lines(
+                    &vp,
+                    in_flight as usize,
+                    read,
+                    timeout_ms,
+                    cli.api,
+                    &data_dir,
+                )
+            } else {
+                run_send(&vp, &msg, read, timeout_ms, cli.api, &data_dir)
+            };
+            match sent {
+                Ok(SendOutcome::Replied) => Ok(()),
+                Ok(SendOutcome::ErrorReply) => return ExitCode::from(3),
+                Ok(SendOutcome::Failed) => return ExitCode::from(1),
                 Err(e) => Err(e),
             }
         }

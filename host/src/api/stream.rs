@@ -167,7 +167,12 @@ impl ApiClient {
     pub async fn stream(&self, vp: &str) -> Result<SendStream> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
-            .map_err(|e| anyhow!("no daemon at {}: {e}; start one with `vp-host join`", self.addr))?;
+            .map_err(|e| {
+                anyhow!(
+                    "no daemon at {}: {e}; start one with `vp-host join`",
+                    self.addr
+                )
+            })?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -290,7 +295,10 @@ pub fn parse_request(line: &[u8]) -> Result<StreamRequest, (Option<u64>, String)
             let id = serde_json::from_slice::<serde_json::Value>(line)
                 .ok()
                 .and_then(|v| v.get("id").and_then(|i| i.as_u64()));
-            Err((id, format!("not a stream request ({{\"id\": N, \"msg\": ...}}): {e}")))
+            Err((
+                id,
+                format!("not a stream request ({{\"id\": N, \"msg\": ...}}): {e}"),
+            ))
         }
     }
 }

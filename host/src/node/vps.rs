@@ -315,6 +315,13 @@ pub enum NodeCall {
     },
     /// Forget a deployment (a spawn that failed elsewhere).
     Undeploy { to: PeerContact, vp: VpId },
+    /// A spawn from this host succeeded: its name now resolves here
+    /// (`recorded` answers once it does).
+    Named {
+        name: String,
+        vp: VpId,
+        recorded: oneshot::Sender<()>,
+    },
     /// Send the status query `op` about `vp` to its (now known) leader.
     QueryStatus { vp: VpId, op: u64 },
     /// A founding member's module finished compiling (off the node task):
@@ -1377,6 +1384,10 @@ impl Node {
                 reply,
             } => self.start_sample(want, exclude, reply),
             NodeCall::Deploy { to, deploy, reply } => self.send_deploy(to, *deploy, reply),
+            NodeCall::Named { name, vp, recorded } => {
+                self.vps.names.insert(name, vp);
+                let _ = recorded.send(());
+            }
             NodeCall::Send {
                 req,
                 timeout,
@@ -1551,7 +1562,7 @@ impl Node {
             reply_to: self.me.contact.clone(),
         };
         self.start_request(request, Waiter::Http(reply), timeout);
-        }
+    }
 
     pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
         use super::api::NodeRequest;
@@ -1646,9 +1657,6 @@ impl Node {
         if let Err(e) = check_config(&config) {
             return fail(progress, e);
         }
-        if let Some(name) = &config.name {
-            self.vps.names.insert(name.clone(), config.vp);
-        }
         let calls = self.calls.clone();
         let me = self.me.contact.clone();
         let (sandbox, store) = (self.vps.sandbox.clone(), self.vps.modules.clone());
@@ -1684,12 +1692,22 @@ impl Node {
                     ),
                 })
                 .await;
-            let event = match spawn_vp(calls, me, config, progress.clone()).await {
-                Ok((vp, members, leader)) => SpawnEvent::Done {
-                    vp: vp.to_string(),
-                    members: members.iter().map(ToString::to_string).collect(),
-                    leader: leader.to_string(),
-                },
+            let name = config.name.clone();
+            let event = match spawn_vp(calls.clone(), me, config, progress.clone()).await {
+                Ok((vp, members, leader)) => {
+                    // Only a spawn that succeeded takes the name (one that
+                    // failed leaves an earlier holder of the name in place).
+                    if let Some(name) = name {
+                        let (recorded, done) = oneshot::channel();
+                        let _ = calls.send(NodeCall::Named { name, vp, recorded }).await;
+                        let _ = done.await;
+                    }
+                    SpawnEvent::Done {
+                        vp: vp.to_string(),
+                        members: members.iter().map(ToString::to_string).collect(),
+                        leader: leader.to_string(),
+                    }
+                }
                 Err(error) => SpawnEvent::Failed { error },
             };
             let _ = progress.send(event).await;
