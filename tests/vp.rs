@@ -64,6 +64,19 @@ async fn spawn_send_status_and_every_example_app() {
         json!(3),
         "by name on the spawning host"
     );
+    // A name is unique on the host that spawns, and fits in a path.
+    let taken = c.spawn(0, vp_apps::COUNTER, "&name=ctr").await.unwrap_err();
+    assert!(format!("{taken:#}").contains("taken"), "{taken:#}");
+    let odd = c
+        .spawn(0, vp_apps::COUNTER, "&name=a%2Fb")
+        .await
+        .unwrap_err();
+    assert!(format!("{odd:#}").contains("name `a/b`"), "{odd:#}");
+    assert_eq!(
+        c.ask(0, "ctr", json!("get")).await,
+        json!(3),
+        "still the first"
+    );
     let read = vp_host::node::api::SendRequest {
         msg: json!("get"),
         read: true,

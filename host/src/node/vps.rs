@@ -1493,16 +1493,20 @@ impl Node {
         out
     }
 
-    /// A virtual peer named by id (16 hex digits) or by a name this host knows.
-    fn resolve_vp(&self, name: &str) -> Result<VpId, String> {
-        let named = self
-            .vps
+    /// The virtual peer called `name` here: a local member's, or one spawned
+    /// from this host.
+    fn named(&self, name: &str) -> Option<VpId> {
+        self.vps
             .members
             .values()
             .find(|m| m.config.name.as_deref() == Some(name))
             .map(|m| m.config.vp)
-            .or_else(|| self.vps.names.get(name).copied());
-        if let Some(vp) = named {
+            .or_else(|| self.vps.names.get(name).copied())
+    }
+
+    /// A virtual peer named by id (16 hex digits) or by a name this host knows.
+    fn resolve_vp(&self, name: &str) -> Result<VpId, String> {
+        if let Some(vp) = self.named(name) {
             return Ok(vp);
         }
         match name.parse::<VpId>() {
@@ -1657,6 +1661,12 @@ impl Node {
         if let Err(e) = check_config(&config) {
             return fail(progress, e);
         }
+        if let Some(vp) = config.name.as_deref().and_then(|n| self.named(n)) {
+            return fail(
+                progress,
+                format!("the name is taken here by virtual peer {vp}; pick another"),
+            );
+        }
         let calls = self.calls.clone();
         let me = self.me.contact.clone();
         let (sandbox, store) = (self.vps.sandbox.clone(), self.vps.modules.clone());
@@ -1722,6 +1732,23 @@ pub(crate) fn check_config(config: &VpConfig) -> Result<(), String> {
             "{} members; a virtual peer has 1 to 7",
             config.members
         ));
+    }
+    if let Some(name) = &config.name {
+        // Names appear in API paths and on command lines.
+        let fits = (1..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if !fits {
+            return Err(format!(
+                "name `{name}`: use 1 to 64 letters, digits, '-' or '_'"
+            ));
+        }
+        if name.len() == 16 && name.parse::<VpId>().is_ok() {
+            return Err(format!(
+                "name `{name}` would read as a virtual peer id (16 hex digits)"
+            ));
+        }
     }
     if config.limits.fuel_per_message == 0 {
         return Err("fuel per message is 0".into());
