@@ -34,6 +34,9 @@ pub const DELIVERIES_KEPT_MAX: usize = 4096;
 pub const API_QUEUE_MAX: usize = 1024;
 /// How long a graceful leave waits for its messages to go out.
 pub const LEAVE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Events of one queue the node handles in one turn of its loop before it
+/// looks at the others (and at its timers) again.
+pub const TURN_EVENTS_MAX: usize = 64;
 
 /// Everything hosts say to each other on `/vp/wire/1`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,32 +192,64 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(25));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // One timer for the overlay's next deadline, moved rather than made anew
+    // at every turn (a turn per message under load).
+    let overlay_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(overlay_timer);
+    // The overlay time the timer is set for (None: not set).
+    let mut overlay_due: Option<u64> = None;
     loop {
         node.pump();
-        let timeout = node.alm.poll_timeout().map(|t| t.0);
-        let sleep = async {
-            match timeout {
-                Some(at) => {
-                    let wait = at.saturating_sub(node.clock.now_us());
-                    tokio::time::sleep(Duration::from_micros(wait)).await
-                }
-                None => std::future::pending().await,
+        let next = node.alm.poll_timeout().map(|t| t.0);
+        if next != overlay_due {
+            if let Some(at) = next {
+                let wait = at.saturating_sub(node.clock.now_us());
+                overlay_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_micros(wait));
             }
-        };
+            overlay_due = next;
+        }
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => node.on_net_event(event),
+                Some(event) => {
+                    node.on_net_event(event);
+                    // Whatever else arrived meanwhile, in the same turn.
+                    for _ in 1..TURN_EVENTS_MAX {
+                        match events.try_recv() {
+                            Ok(event) => node.on_net_event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 None => anyhow::bail!("the network stopped"),
             },
-            Some(request) = api_rx.recv() => node.on_request(request),
+            Some(request) = api_rx.recv() => {
+                node.on_request(request);
+                for _ in 1..TURN_EVENTS_MAX {
+                    match api_rx.try_recv() {
+                        Ok(request) => node.on_request(request),
+                        Err(_) => break,
+                    }
+                }
+            }
             Some(internal) = internal_rx.recv() => node.on_internal(internal),
-            Some(output) = member_rx.recv() => node.on_member_output(output),
+            Some(output) = member_rx.recv() => {
+                node.on_member_output(output);
+                for _ in 1..TURN_EVENTS_MAX {
+                    match member_rx.try_recv() {
+                        Ok(output) => node.on_member_output(output),
+                        Err(_) => break,
+                    }
+                }
+            }
             Some(call) = call_rx.recv() => node.on_call(call),
             _ = tick.tick() => {
                 crate::watchdog::beat(crate::watchdog::Beat::Node);
                 node.vp_tick();
             }
-            () = sleep => {
+            () = &mut overlay_timer, if overlay_due.is_some() => {
+                overlay_due = None;
                 let now = node.now();
                 node.alm.handle_timeout(now);
             }

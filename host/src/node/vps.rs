@@ -778,7 +778,14 @@ impl Node {
         match leader {
             Some((_, contact)) => {
                 let req = o.req.clone();
-                self.send_vp(&contact, VpWire::Request(req));
+                match self.vps.members.get(&vp) {
+                    // The leader is here: straight to its thread (what the
+                    // node would do with the request on its own queue).
+                    Some(m) if contact.peer == self.me.contact.peer => {
+                        m.send(MemberEvent::Request(req));
+                    }
+                    _ => self.send_vp(&contact, VpWire::Request(req)),
+                }
                 // No answer last time: the leader may have changed without
                 // this host hearing of it; ask the members too.
                 if retry {
