@@ -157,6 +157,14 @@ pub async fn serve(addr: SocketAddr, data_dir: &Path, router: axum::Router) -> R
     let app = router
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_BYTES_MAX));
+    // Answers go out as soon as they are written: a send stream writes
+    // small answer lines while earlier ones are not yet acknowledged, which
+    // Nagle's algorithm would hold back until the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on an API connection: {e}");
+        }
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("control API stopped: {e}");
