@@ -475,6 +475,9 @@ impl Node {
                     }
                 };
                 if let Some(o) = self.vps.outstanding.get_mut(&(vp, client, seq)) {
+                    if o.attempts == 1 || !elsewhere {
+                        tracing::debug!(%vp, %from, elsewhere, attempts = o.attempts, "request redirected");
+                    }
                     let delay = if elsewhere && o.attempts < 8 { 0 } else { 100 };
                     o.next_try = Instant::now() + Duration::from_millis(delay);
                 }

@@ -330,6 +330,7 @@ pub fn start_member(
         confirmed: fresh,
         membership,
         leading: false,
+        leading_since: None,
         outbox_sent: HashMap::new(),
         replacing: None,
         was_member: false,
@@ -674,6 +675,8 @@ struct Member {
     confirmed: bool,
     membership: Arc<Membership>,
     leading: bool,
+    /// When this member last started leading (debug logs of its first requests).
+    leading_since: Option<Time>,
     outbox_sent: HashMap<u64, Time>,
     replacing: Option<Replacement>,
     /// Hosts whose connections all closed lately (`PeerDown`), and when.
@@ -768,6 +771,13 @@ impl Member {
                 // Leading again (they are proposed), or not, or a candidacy
                 // that drags on (they are redirected: the client asks the
                 // members who leads).
+                if !self.held.is_empty() {
+                    tracing::debug!(
+                        requests = self.held.len(),
+                        leading = self.replica.is_leader(),
+                        "releasing requests held during the candidacy"
+                    );
+                }
                 for req in std::mem::take(&mut self.held) {
                     self.on_request(now, req);
                 }
@@ -909,6 +919,14 @@ impl Member {
     fn on_request(&mut self, now: Time, req: Request) {
         let sender = HostId(crate::node::overlay::host_id_of(&req.reply_to.peer).0);
         self.ctx.directory.learn(sender, &req.reply_to);
+        if self.newly_leading(now) || self.holding(now) {
+            tracing::debug!(
+                client = %req.client, seq = req.seq, from = %sender,
+                leader = self.replica.is_leader(), holding = self.holding(now),
+                pending = self.pending.contains_key(&(req.client, req.seq)),
+                "request early in a leadership"
+            );
+        }
         // A candidate (a leader re-running phase 1 for a new epoch, or a
         // follower running for a lost leader) leads in a moment, or learns
         // who does: hold the request rather than send the client away with
@@ -972,7 +990,16 @@ impl Member {
         }
     }
 
+    /// Leading for less than a second (failover diagnostics).
+    fn newly_leading(&self, now: Time) -> bool {
+        self.leading_since.is_some_and(|t| now.since(t) < 1_000_000)
+    }
+
     fn reply(&self, to: &PeerContact, client: ClientId, seq: u64, result: WireResult) {
+        // The clock as last read: a reply follows a turn's reading closely.
+        if self.newly_leading(Time(self.clock)) {
+            tracing::debug!(%client, seq, to = %to.peer, "reply early in a leadership");
+        }
         let msg = VpWire::Reply(Reply {
             vp: self.vp(),
             client,
@@ -1013,6 +1040,7 @@ impl Member {
         let leading = self.replica.is_leader();
         if leading != self.leading {
             self.leading = leading;
+            self.leading_since = leading.then_some(now);
             if leading {
                 tracing::info!(epoch = self.replica.epoch().0, "leading");
                 self.outbox_sent.clear();
