@@ -320,6 +320,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
                 nonce: 1,
                 member: CHostId(2),
                 leader: Some((CHostId(1), contact.clone())),
+                voters: vec![(CHostId(1), contact.clone())],
             },
         ),
         (

@@ -142,6 +142,8 @@ const SAMPLE_SEARCH_MAX: Duration = Duration::from_secs(1);
 /// virtual peer (both cleared when full: the memory is only a shortcut).
 const MEMBERS_SEEN_VPS_MAX: usize = 4096;
 const MEMBERS_SEEN_PER_VP_MAX: usize = 16;
+/// Voters of a `Located` this host takes note of (a virtual peer has at most 7).
+const VOTERS_NAMED_MAX: usize = 7;
 /// A locate is repeated no more often than this.
 const LOCATE_RETRY: Duration = Duration::from_millis(40);
 /// How long a closed peer's leader hints are ignored, unless it reconnects.
@@ -421,10 +423,25 @@ impl Node {
                 None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
             },
             VpWire::Located {
-                vp, leader, member, ..
+                vp,
+                leader,
+                member,
+                voters,
+                ..
             } => {
-                tracing::debug!(%vp, %member, leader = ?leader.as_ref().map(|(h, _)| *h), "located");
+                tracing::debug!(%vp, %member, leader = ?leader.as_ref().map(|(h, _)| *h), voters = voters.len(), "located");
                 self.remember_member(vp, member, from);
+                // The voters it names are asked directly by later locates:
+                // after a failover the overlay's route to the members may
+                // still pass the dead host.
+                for (host, contact) in voters.into_iter().take(VOTERS_NAMED_MAX) {
+                    if contact.peer != self.me.contact.peer {
+                        self.vps.directory.learn(host, &contact);
+                        self.net
+                            .add_addresses(contact.peer, contact.addrs.iter().cloned());
+                        self.remember_member(vp, host, contact.peer);
+                    }
+                }
                 if let Some((host, contact)) = leader.filter(|(_, c)| self.believable(c)) {
                     self.vps.directory.learn(host, &contact);
                     let known = self.vps.leaders.get(&vp).map(|(h, _)| *h) == Some(host);
@@ -931,6 +948,9 @@ impl Node {
             peer: from,
             addrs: Vec::new(),
         };
+        if from != self.me.contact.peer {
+            self.remember_member(reply.vp, reply.leader, from);
+        }
         self.vps.leaders.insert(reply.vp, (reply.leader, contact));
         let Some(o) = self
             .vps

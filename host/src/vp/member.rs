@@ -824,14 +824,8 @@ impl Member {
         }
         let fresh = LOCATOR_TTL.as_micros() as u64;
         self.locators.retain(|(_, _, t)| now.since(*t) < fresh);
-        let leader = self.leader_contact();
         for (to, nonce, _) in std::mem::take(&mut self.locators) {
-            let msg = VpWire::Located {
-                vp: self.vp(),
-                nonce,
-                member: self.ctx.me,
-                leader: leader.clone(),
-            };
+            let msg = self.located(nonce);
             self.send_to_peer(&to, msg);
         }
     }
@@ -858,13 +852,7 @@ impl Member {
                     self.locators.remove(0);
                 }
                 self.locators.push((reply_to.clone(), nonce, now));
-                let leader = self.leader_contact();
-                let msg = VpWire::Located {
-                    vp: self.vp(),
-                    nonce,
-                    member: self.ctx.me,
-                    leader,
-                };
+                let msg = self.located(nonce);
                 self.send_to_peer(&reply_to, msg);
             }
             MemberEvent::OutboundReply { id, result } => {
@@ -899,6 +887,30 @@ impl Member {
             }
             MemberEvent::StorageFailed(why) => self.fail(format!("storage failed: {why}")),
             MemberEvent::Stop => self.stopped = true,
+        }
+    }
+
+    /// The answer to a locate: who leads, and the voters with their contacts.
+    fn located(&self, nonce: u64) -> VpWire {
+        let voters = self
+            .membership
+            .voters
+            .iter()
+            .filter_map(|&v| {
+                let contact = if v == self.ctx.me {
+                    Some(self.ctx.me_contact.clone())
+                } else {
+                    self.ctx.directory.get(v)
+                };
+                contact.map(|c| (v, c))
+            })
+            .collect();
+        VpWire::Located {
+            vp: self.vp(),
+            nonce,
+            member: self.ctx.me,
+            leader: self.leader_contact(),
+            voters,
         }
     }
 

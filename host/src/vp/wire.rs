@@ -61,12 +61,16 @@ pub enum VpWire {
         nonce: u64,
         reply_to: PeerContact,
     },
-    /// A member's answer to `Locate`.
+    /// A member's answer to `Locate`, with the voters it knows of: the
+    /// asker keeps them and asks them directly next time (a failover's first
+    /// locate then does not depend on the overlay's route).
     Located {
         vp: VpId,
         nonce: u64,
         member: HostId,
         leader: Option<(HostId, PeerContact)>,
+        #[serde(default)]
+        voters: Vec<(HostId, PeerContact)>,
     },
     Request(Request),
     Reply(Reply),
