@@ -81,6 +81,18 @@ impl Clock {
     }
 }
 
+/// Handle `first`, then what is already queued on `rx` behind it (at most
+/// `TURN_EVENTS_MAX` in all).
+fn take_queued<T>(first: T, rx: &mut mpsc::Receiver<T>, mut handle: impl FnMut(T)) {
+    handle(first);
+    for _ in 1..TURN_EVENTS_MAX {
+        match rx.try_recv() {
+            Ok(next) => handle(next),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Results of background work, reported back to the node.
 enum Internal {
     Bootstrapped(Result<HostRef<PeerContact>, String>),
@@ -212,36 +224,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         }
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => {
-                    node.on_net_event(event);
-                    // Whatever else arrived meanwhile, in the same turn.
-                    for _ in 1..TURN_EVENTS_MAX {
-                        match events.try_recv() {
-                            Ok(event) => node.on_net_event(event),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                // Whatever else arrived meanwhile, in the same turn.
+                Some(event) => take_queued(event, &mut events, |e| node.on_net_event(e)),
                 None => anyhow::bail!("the network stopped"),
             },
             Some(request) = api_rx.recv() => {
-                node.on_request(request);
-                for _ in 1..TURN_EVENTS_MAX {
-                    match api_rx.try_recv() {
-                        Ok(request) => node.on_request(request),
-                        Err(_) => break,
-                    }
-                }
+                take_queued(request, &mut api_rx, |r| node.on_request(r));
             }
             Some(internal) = internal_rx.recv() => node.on_internal(internal),
             Some(output) = member_rx.recv() => {
-                node.on_member_output(output);
-                for _ in 1..TURN_EVENTS_MAX {
-                    match member_rx.try_recv() {
-                        Ok(output) => node.on_member_output(output),
-                        Err(_) => break,
-                    }
-                }
+                take_queued(output, &mut member_rx, |o| node.on_member_output(o));
             }
             Some(call) = call_rx.recv() => node.on_call(call),
             _ = tick.tick() => {
