@@ -77,6 +77,22 @@ async fn spawn_send_status_and_every_example_app() {
         json!(3),
         "still the first"
     );
+    // Two spawns taking one name at once: one gets it, the other is refused.
+    let (a, b) = tokio::join!(
+        c.spawn(0, vp_apps::COUNTER, "&name=twin"),
+        c.spawn(0, vp_apps::COUNTER, "&name=twin")
+    );
+    let (won, lost) = match (a, b) {
+        (Ok(vp), Err(e)) | (Err(e), Ok(vp)) => (vp, e),
+        other => panic!("exactly one spawn takes the name: {other:?}"),
+    };
+    assert!(format!("{lost:#}").contains("name"), "{lost:#}");
+    c.ask(0, "twin", json!({"add": 7})).await;
+    assert_eq!(
+        c.ask(0, &won, json!("get")).await,
+        json!(7),
+        "the name is the winner's"
+    );
     let read = vp_host::node::api::SendRequest {
         msg: json!("get"),
         read: true,

@@ -124,17 +124,22 @@ impl StreamAnswer {
     }
 }
 
-/// Complete lines at the front of `buf`, each without its newline; removes
-/// them from `buf`. Errors when an unfinished line is already too long.
-pub fn take_lines(buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+/// Up to `max` complete lines at the front of `buf`, each without its
+/// newline; removes them from `buf` (lines beyond `max` stay for later).
+/// Errors when the next line has no newline yet and is already too long.
+pub fn take_lines(buf: &mut Vec<u8>, max: usize) -> Result<Vec<Vec<u8>>, String> {
     let mut lines = Vec::new();
     let mut start = 0;
-    while let Some(end) = buf[start..].iter().position(|&b| b == b'\n') {
+    while lines.len() < max {
+        let Some(end) = buf[start..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
         lines.push(buf[start..start + end].to_vec());
         start += end + 1;
     }
     buf.drain(..start);
-    if buf.len() > STREAM_LINE_BYTES_MAX {
+    // Judged once the lines before it are out (none is dropped with it).
+    if lines.is_empty() && buf.len() > STREAM_LINE_BYTES_MAX && !buf.contains(&b'\n') {
         return Err(format!(
             "a line is longer than {STREAM_LINE_BYTES_MAX} bytes"
         ));
@@ -253,7 +258,7 @@ async fn client_task<Io>(
                     Err(e) => break Some(format!("the stream to the daemon broke: {e}")),
                     Ok(_) => {}
                 }
-                let lines = match take_lines(&mut inbuf) {
+                let lines = match take_lines(&mut inbuf, usize::MAX) {
                     Ok(lines) => lines,
                     Err(e) => break Some(format!("bad answer from the daemon: {e}")),
                 };
@@ -300,5 +305,42 @@ pub fn parse_request(line: &[u8]) -> Result<StreamRequest, (Option<u64>, String)
                 format!("not a stream request ({{\"id\": N, \"msg\": ...}}): {e}"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_taken_up_to_the_limit_and_the_rest_waits() {
+        let mut buf = b"a\nbb\nccc\ndd".to_vec();
+        assert_eq!(
+            take_lines(&mut buf, 2).unwrap(),
+            [b"a".to_vec(), b"bb".to_vec()]
+        );
+        assert_eq!(
+            buf, b"ccc\ndd",
+            "the third line and the unfinished one stay"
+        );
+        assert_eq!(take_lines(&mut buf, usize::MAX).unwrap(), [b"ccc".to_vec()]);
+        assert_eq!(buf, b"dd");
+    }
+
+    #[test]
+    fn only_an_unfinished_line_can_be_too_long() {
+        let mut long = vec![b'x'; STREAM_LINE_BYTES_MAX + 1];
+        let err = take_lines(&mut long.clone(), usize::MAX).unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+        // The same bytes behind lines still waiting are not judged yet.
+        let mut buf = b"a\nb\n".to_vec();
+        buf.append(&mut long);
+        assert_eq!(take_lines(&mut buf, 1).unwrap(), [b"a".to_vec()]);
+        assert_eq!(
+            take_lines(&mut buf, 1).unwrap(),
+            [b"b".to_vec()],
+            "not lost"
+        );
+        assert!(take_lines(&mut buf, 1).is_err(), "now it is next");
     }
 }

@@ -63,7 +63,9 @@ pub(super) async fn route(
 }
 
 /// Serve one stream until the client closes it (after its last answer) or
-/// the connection breaks.
+/// the connection breaks. Lines already read wait in `inbuf` while
+/// `STREAM_IN_FLIGHT_MAX` messages are in flight, and nothing more is read
+/// until they are all handed on.
 async fn serve<Io>(io: Io, vp: String, tx: mpsc::Sender<NodeRequest>)
 where
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
@@ -74,57 +76,52 @@ where
     let mut pending = FuturesUnordered::new();
     let mut reading = true;
     loop {
-        tokio::select! {
-            read = rd.read_buf(&mut inbuf), if reading && pending.len() < STREAM_IN_FLIGHT_MAX => {
-                match read {
-                    Ok(0) => reading = false,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!("a send stream broke: {e}");
-                        return;
-                    }
+        let room = STREAM_IN_FLIGHT_MAX.saturating_sub(pending.len());
+        let lines = match take_lines(&mut inbuf, room) {
+            Ok(lines) => lines,
+            Err(e) => {
+                StreamAnswer::of(None, Err(ApiError::bad_request(e))).push_line(&mut out);
+                let _ = wr.write_all(&out).await;
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(lines.len());
+        for line in lines
+            .iter()
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        {
+            match parse_request(line) {
+                Ok(r) => {
+                    let (reply, rx) = oneshot::channel();
+                    let req = SendRequest {
+                        msg: r.msg,
+                        read: r.read,
+                        timeout_ms: r.timeout_ms,
+                    };
+                    batch.push((req, reply));
+                    let id = r.id;
+                    pending.push(async move {
+                        let result = rx.await.unwrap_or_else(|_| {
+                            Err(ApiError::unavailable(
+                                "the host dropped the request (shutting down?)",
+                            ))
+                        });
+                        StreamAnswer::of(Some(id), result)
+                    });
                 }
-                let lines = match take_lines(&mut inbuf) {
-                    Ok(lines) => lines,
-                    Err(e) => {
-                        StreamAnswer::of(None, Err(ApiError::bad_request(e))).push_line(&mut out);
-                        let _ = wr.write_all(&out).await;
-                        return;
-                    }
-                };
-                let mut batch = Vec::with_capacity(lines.len());
-                for line in lines.iter().filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
-                    match parse_request(line) {
-                        Ok(r) => {
-                            let (reply, rx) = oneshot::channel();
-                            let req = SendRequest { msg: r.msg, read: r.read, timeout_ms: r.timeout_ms };
-                            batch.push((req, reply));
-                            let id = r.id;
-                            pending.push(async move {
-                                let result = rx.await.unwrap_or_else(|_| {
-                                    Err(ApiError::unavailable("the host dropped the request (shutting down?)"))
-                                });
-                                StreamAnswer::of(Some(id), result)
-                            });
-                        }
-                        Err((id, why)) => {
-                            StreamAnswer::of(id, Err(ApiError::bad_request(why))).push_line(&mut out);
-                        }
-                    }
-                }
-                if !batch.is_empty() && tx.send(NodeRequest::SendMany(vp.clone(), batch)).await.is_err() {
-                    // Each waiter answers "dropped" below.
-                    tracing::debug!("a send stream outlived the node");
+                Err((id, why)) => {
+                    StreamAnswer::of(id, Err(ApiError::bad_request(why))).push_line(&mut out);
                 }
             }
-            Some(answer) = pending.next(), if !pending.is_empty() => {
-                answer.push_line(&mut out);
-                // Everything else already done goes in the same write.
-                while let Some(Some(answer)) = futures::FutureExt::now_or_never(pending.next()) {
-                    answer.push_line(&mut out);
-                }
-            }
-            else => break,
+        }
+        // Each waiter answers "dropped" when the node is gone.
+        if !batch.is_empty()
+            && tx
+                .send(NodeRequest::SendMany(vp.clone(), batch))
+                .await
+                .is_err()
+        {
+            tracing::debug!("a send stream outlived the node");
         }
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
@@ -133,8 +130,34 @@ where
             }
             out.clear();
         }
-        if !reading && pending.is_empty() {
+        let backlog = inbuf.contains(&b'\n');
+        if !reading && !backlog && pending.is_empty() {
             break;
+        }
+        tokio::select! {
+            read = rd.read_buf(&mut inbuf), if reading && !backlog => match read {
+                Ok(0) => {
+                    reading = false;
+                    // A last line without its newline still counts.
+                    if !inbuf.is_empty() {
+                        inbuf.push(b'\n');
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("a send stream broke: {e}");
+                    return;
+                }
+            },
+            Some(answer) = pending.next(), if !pending.is_empty() => {
+                answer.push_line(&mut out);
+                // Everything else already done goes in the same write.
+                while let Some(Some(answer)) = futures::FutureExt::now_or_never(pending.next()) {
+                    answer.push_line(&mut out);
+                }
+            }
+            // Lines still buffered (all of the last batch were refused): on.
+            else => {}
         }
     }
     let _ = wr.shutdown().await;

@@ -248,6 +248,8 @@ pub struct VpNode {
     leader_waiters: HashMap<VpId, Vec<oneshot::Sender<HostId>>>,
     /// Names of virtual peers spawned from this host.
     names: HashMap<String, VpId>,
+    /// Names of spawns from this host still under way.
+    naming: HashSet<String>,
     next_op: u64,
 }
 
@@ -277,6 +279,7 @@ impl VpNode {
             status_queries: HashMap::new(),
             leader_waiters: HashMap::new(),
             names: HashMap::new(),
+            naming: HashSet::new(),
             next_op: 1,
         }
     }
@@ -317,11 +320,12 @@ pub enum NodeCall {
     },
     /// Forget a deployment (a spawn that failed elsewhere).
     Undeploy { to: PeerContact, vp: VpId },
-    /// A spawn from this host succeeded: its name now resolves here
-    /// (`recorded` answers once it does).
+    /// A spawn from this host that took a name ended: with `vp` when it
+    /// succeeded (the name now resolves here), without when it failed (the
+    /// name is free again). `recorded` answers once it is done.
     Named {
         name: String,
-        vp: VpId,
+        vp: Option<VpId>,
         recorded: oneshot::Sender<()>,
     },
     /// Send the status query `op` about `vp` to its (now known) leader.
@@ -1415,7 +1419,10 @@ impl Node {
             } => self.start_sample(want, exclude, reply),
             NodeCall::Deploy { to, deploy, reply } => self.send_deploy(to, *deploy, reply),
             NodeCall::Named { name, vp, recorded } => {
-                self.vps.names.insert(name, vp);
+                self.vps.naming.remove(&name);
+                if let Some(vp) = vp {
+                    self.vps.names.insert(name, vp);
+                }
                 let _ = recorded.send(());
             }
             NodeCall::Send {
@@ -1691,63 +1698,70 @@ impl Node {
         if let Err(e) = check_config(&config) {
             return fail(progress, e);
         }
-        if let Some(vp) = config.name.as_deref().and_then(|n| self.named(n)) {
-            return fail(
-                progress,
-                format!("the name is taken here by virtual peer {vp}; pick another"),
-            );
+        if let Some(name) = config.name.as_deref() {
+            if let Some(vp) = self.named(name) {
+                return fail(
+                    progress,
+                    format!("the name is taken here by virtual peer {vp}; pick another"),
+                );
+            }
+            // Held from now until the spawn ends, so two spawns at once
+            // cannot both take it.
+            if !self.vps.naming.insert(name.to_string()) {
+                return fail(
+                    progress,
+                    "another spawn from this host is taking that name; pick another".into(),
+                );
+            }
         }
         let calls = self.calls.clone();
         let me = self.me.contact.clone();
         let (sandbox, store) = (self.vps.sandbox.clone(), self.vps.modules.clone());
         tokio::spawn(async move {
-            // Refuse a bad module here, with the sandbox's own error, before
-            // any host is involved; compiled on a blocking thread, not on the
-            // node task (the compiled module is cached for the local member).
-            let checked = tokio::task::spawn_blocking(move || {
-                let loaded = sandbox
-                    .load(&module)
-                    .map_err(|e| format!("the module was refused: {e}"))?;
-                store
-                    .put(&module)
-                    .map_err(|e| format!("cannot store the module: {e:#}"))?;
-                Ok::<_, String>(loaded)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("the module check failed: {e}")));
-            let loaded = match checked {
-                Ok(l) => l,
-                Err(error) => {
-                    let _ = progress.send(SpawnEvent::Failed { error }).await;
-                    return;
-                }
-            };
-            config.module = loaded.hash();
-            let _ = progress
-                .send(SpawnEvent::Progress {
-                    message: format!(
-                        "module {} ({} bytes) checked",
-                        loaded.hash().short(),
-                        loaded.bytes_len()
-                    ),
-                })
-                .await;
             let name = config.name.clone();
-            let event = match spawn_vp(calls.clone(), me, config, progress.clone()).await {
-                Ok((vp, members, leader)) => {
-                    // Only a spawn that succeeded takes the name (one that
-                    // failed leaves an earlier holder of the name in place).
-                    if let Some(name) = name {
-                        let (recorded, done) = oneshot::channel();
-                        let _ = calls.send(NodeCall::Named { name, vp, recorded }).await;
-                        let _ = done.await;
-                    }
-                    SpawnEvent::Done {
-                        vp: vp.to_string(),
-                        members: members.iter().map(ToString::to_string).collect(),
-                        leader: leader.to_string(),
-                    }
-                }
+            let outcome = async {
+                // Refuse a bad module here, with the sandbox's own error,
+                // before any host is involved; compiled on a blocking thread,
+                // not on the node task (the compiled module is cached for the
+                // local member).
+                let loaded = tokio::task::spawn_blocking(move || {
+                    let loaded = sandbox
+                        .load(&module)
+                        .map_err(|e| format!("the module was refused: {e}"))?;
+                    store
+                        .put(&module)
+                        .map_err(|e| format!("cannot store the module: {e:#}"))?;
+                    Ok::<_, String>(loaded)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the module check failed: {e}")))?;
+                config.module = loaded.hash();
+                let _ = progress
+                    .send(SpawnEvent::Progress {
+                        message: format!(
+                            "module {} ({} bytes) checked",
+                            loaded.hash().short(),
+                            loaded.bytes_len()
+                        ),
+                    })
+                    .await;
+                spawn_vp(calls.clone(), me, config, progress.clone()).await
+            }
+            .await;
+            // Only a spawn that succeeded takes the name (one that failed
+            // leaves it free); the name resolves before `done` is reported.
+            if let Some(name) = name {
+                let vp = outcome.as_ref().ok().map(|(vp, _, _)| *vp);
+                let (recorded, done) = oneshot::channel();
+                let _ = calls.send(NodeCall::Named { name, vp, recorded }).await;
+                let _ = done.await;
+            }
+            let event = match outcome {
+                Ok((vp, members, leader)) => SpawnEvent::Done {
+                    vp: vp.to_string(),
+                    members: members.iter().map(ToString::to_string).collect(),
+                    leader: leader.to_string(),
+                },
                 Err(error) => SpawnEvent::Failed { error },
             };
             let _ = progress.send(event).await;
