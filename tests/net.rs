@@ -93,6 +93,31 @@ async fn peers_learned_second_hand_are_dialed_on_demand() {
 }
 
 #[tokio::test]
+async fn many_peers_learned_second_hand_are_all_dialed_at_once() {
+    // libp2p_stream asks for a dial through a channel with room for one
+    // request: a host writing to several unconnected peers in one turn used
+    // to dial only the first, and the others' frames waited out the stream
+    // open timeout and were dropped (a client's host after a failover).
+    let (a, _a_events, _) = host(None).await;
+    let mut peers = Vec::new();
+    for _ in 0..6 {
+        let (p, events, addr) = host(None).await;
+        a.add_addresses(p.local_peer_id(), [addr]);
+        peers.push((p, events));
+    }
+    for (i, (p, _)) in peers.iter().enumerate() {
+        a.send(p.local_peer_id(), &Msg::Hello(i as u64)).unwrap();
+    }
+    for (i, (_, events)) in peers.iter_mut().enumerate() {
+        assert_eq!(
+            next_message(events).await,
+            (a.local_peer_id(), Msg::Hello(i as u64))
+        );
+    }
+    assert_eq!(a.counters().frames_dropped_unreachable, 0);
+}
+
+#[tokio::test]
 async fn private_networks_keep_strangers_out() {
     let key = libp2p::pnet::PreSharedKey::new([1; 32]);
     let other = libp2p::pnet::PreSharedKey::new([2; 32]);

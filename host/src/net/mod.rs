@@ -35,7 +35,7 @@ use libp2p::core::upgrade::Version;
 use libp2p::core::{Endpoint, transport::PortUse};
 use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
@@ -58,6 +58,8 @@ pub const AGENT: &str = concat!("vp-host/", env!("CARGO_PKG_VERSION"));
 const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// How long opening a stream (dialing included) may take.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a stream open waiting for its peer asks the swarm to dial it.
+const DIAL_NUDGE: Duration = Duration::from_millis(100);
 /// A writer with nothing to send for this long exits (and is re-created on demand).
 const WRITER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Addresses kept per peer in the address book.
@@ -194,6 +196,11 @@ enum Command {
         reply: oneshot::Sender<NetStatus>,
     },
     Disconnect {
+        peer: PeerId,
+    },
+    /// Dial `peer` by id (addresses from the address book) unless connected
+    /// or already dialing.
+    Connect {
         peer: PeerId,
     },
 }
@@ -613,6 +620,38 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
     }
 }
 
+/// Open a `/vp/wire/1` stream to `peer`, connecting first if need be.
+///
+/// `libp2p_stream` starts a dial for an unconnected peer through a channel
+/// with room for one request: a second open to another unconnected peer in
+/// the same swarm turn finds it full, and no dial is ever made for it. The
+/// open then waited for the peer to connect of its own accord (once 4.5 s,
+/// past a failover: a client's host that had not talked to the new leader
+/// before). So the swarm task is asked to dial the peer as well, again every
+/// `DIAL_NUDGE` until the stream opens or `OPEN_STREAM_TIMEOUT` passes; a dial
+/// while connected or dialing is a no-op, and a failed dial fails the open.
+async fn open_stream(
+    control: &mut libp2p_stream::Control,
+    commands: &mpsc::Sender<Command>,
+    peer: PeerId,
+) -> Result<libp2p::Stream, String> {
+    let open = control.open_stream(peer, PROTOCOL);
+    tokio::pin!(open);
+    let deadline = tokio::time::sleep(OPEN_STREAM_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut nudge = tokio::time::interval(DIAL_NUDGE);
+    loop {
+        tokio::select! {
+            biased;
+            opened = &mut open => return opened.map_err(|e| format!("cannot open a stream: {e}")),
+            () = &mut deadline => return Err("opening a stream timed out".to_string()),
+            _ = nudge.tick() => {
+                let _ = commands.try_send(Command::Connect { peer });
+            }
+        }
+    }
+}
+
 async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sync::Weak<Inner>) {
     let Some(strong) = inner.upgrade() else {
         return;
@@ -647,17 +686,13 @@ async fn writer_task(peer: PeerId, mut rx: mpsc::Receiver<Bytes>, inner: std::sy
         // cannot be reached then is reported at once.
         for attempt in 0..2 {
             if stream.is_none() {
-                let opened =
-                    tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer, PROTOCOL))
-                        .await;
-                let why = match opened {
-                    Ok(Ok(s)) => {
+                let why = match open_stream(&mut control, &inner.commands, peer).await {
+                    Ok(s) => {
                         stream = Some(s);
                         failures = 0;
                         None
                     }
-                    Ok(Err(e)) => Some(format!("cannot open a stream: {e}")),
-                    Err(_) => Some("opening a stream timed out".to_string()),
+                    Err(e) => Some(e),
                 };
                 if let Some(why) = why {
                     failures += 1;
@@ -834,6 +869,15 @@ async fn swarm_task<M: Send + 'static>(
                         });
                     }
                     Command::Disconnect { peer } => { let _ = swarm.disconnect_peer_id(peer); }
+                    Command::Connect { peer } => {
+                        if !swarm.is_connected(&peer) {
+                            let opts = DialOpts::peer_id(peer)
+                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            // Refused only while connected or dialing already.
+                            let _ = swarm.dial(opts);
+                        }
+                    }
                 }
             }
             event = swarm.select_next_some() => match event {
