@@ -501,6 +501,13 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         !self.inner.addresses.get(peer).is_empty()
     }
 
+    /// Dial `peer` unless connected or dialing already (no waiting; a dial
+    /// that fails is reported as [`NetEvent::Unreachable`] only for frames).
+    /// Used to find out whether a peer thought dead is back.
+    pub fn connect(&self, peer: PeerId) {
+        let _ = self.inner.commands.try_send(Command::Connect { peer });
+    }
+
     /// Encode `msg` once, for [`Net::send_frame`] to one or more peers.
     pub fn encode(msg: &M) -> Result<Bytes, FrameError> {
         let mut out = Vec::new();

@@ -660,7 +660,17 @@ impl Node {
                 let config = handle.config.clone();
                 self.start_replacement(config, dead, members);
             }
-            MemberOutput::Removed { vp } => {
+            MemberOutput::Removed { vp, voters } => {
+                // A restarted host that learns it was replaced is often the
+                // host its clients use next (`vp-host bench failover` uses
+                // it): without this it knew no member and its locates went
+                // through an overlay it had just rejoined (once 4.4 s).
+                let me = self.me.host.0;
+                for host in voters.into_iter().filter(|h| h.0 != me) {
+                    if let Some(contact) = self.vps.directory.get(host) {
+                        self.remember_member(vp, host, contact.peer);
+                    }
+                }
                 if let Some(handle) = self.vps.members.remove(&vp) {
                     let dir = vp_dir(&self.cfg.data_dir, vp);
                     tokio::task::spawn_blocking(move || {
@@ -925,7 +935,15 @@ impl Node {
     /// (members keep believing in a dead leader until they elect another).
     fn believable(&mut self, contact: &PeerContact) -> bool {
         match self.vps.gone.get(&contact.peer) {
-            Some(t) if t.elapsed() < GONE_FORGET => false,
+            Some(t) if t.elapsed() < GONE_FORGET => {
+                // It may be back (restarted, and since elected): dial it. A
+                // connection clears `gone` and the next locate believes the
+                // hint; this host need not have talked to it since. Without
+                // this a client's host ignored a restarted host that became
+                // leader for up to GONE_FORGET (once 1.5 s after a failover).
+                self.net.connect(contact.peer);
+                false
+            }
             Some(_) => {
                 self.vps.gone.remove(&contact.peer);
                 true

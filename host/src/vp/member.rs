@@ -107,8 +107,10 @@ pub enum MemberOutput {
         dead: HostId,
         members: Vec<HostId>,
     },
-    /// This host is no longer a member; the thread has exited.
-    Removed { vp: VpId },
+    /// This host is no longer a member; the thread has exited. `voters` are
+    /// the members that replaced it (as this copy last knew them): clients on
+    /// this host ask them directly rather than through the overlay.
+    Removed { vp: VpId, voters: Vec<HostId> },
     /// Storage failed: the member stopped (fail-stop).
     Failed { vp: VpId, why: String },
     /// A host id whose contact is unknown (look it up in the overlay).
@@ -1473,6 +1475,7 @@ impl Member {
         // Learn now how to reach members this host has never talked to (a
         // replacement added by the leader): after the next failure any of
         // them may have to run an election, and a lookup then costs time.
+        let mut unknown = 0;
         for host in membership
             .voters
             .iter()
@@ -1480,8 +1483,25 @@ impl Member {
             .chain(membership.learners.iter().map(|l| l.host))
         {
             if host != self.ctx.me && self.ctx.directory.get(host).is_none() {
+                unknown += 1;
                 let _ = self.ctx.node.try_send(MemberOutput::Resolve(host));
             }
+        }
+        // The leader that made the change knows them all: its `Located`
+        // names every voter with its contact, usually long before an
+        // overlay lookup ends (which, on a host that just rejoined the
+        // overlay, took seconds: a survivor then could not reach the other
+        // survivor to be elected, and the election waited for the timeout).
+        if unknown > 0
+            && let Some((leader, contact)) = self.leader_contact()
+            && leader != self.ctx.me
+        {
+            let msg = VpWire::Locate {
+                vp: self.vp(),
+                nonce: rand::random(),
+                reply_to: self.ctx.me_contact.clone(),
+            };
+            self.send_to_peer(&contact, msg);
         }
         if let Some(r) = &self.replacing
             && !membership.is_voter(r.dead)
@@ -1502,7 +1522,10 @@ impl Member {
             if self.keyed {
                 self.set_key(false);
             }
-            self.tell_node(MemberOutput::Removed { vp: self.vp() });
+            self.tell_node(MemberOutput::Removed {
+                vp: self.vp(),
+                voters: self.membership.voters.clone(),
+            });
             self.stopped = true;
         }
     }
