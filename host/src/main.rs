@@ -9,6 +9,13 @@ use clap::{Parser, Subcommand};
 use vp_host::exec::{self, ExecOptions};
 use vp_host::sandbox::{GuestLimits, Sandbox};
 
+/// mimalloc rather than glibc's malloc: every message allocates on one
+/// thread and frees on another (API task, node task, member thread, network
+/// writer), where glibc's arenas spent 10-12% of the busiest threads' samples
+/// at the commit benchmark's peak (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run WebAssembly apps as virtual peers: processes that keep running while
 /// the volunteer machines under them crash and are replaced.
 #[derive(Debug, Parser)]
