@@ -92,7 +92,7 @@ pub fn target(name: &str) -> Option<Target> {
 /// (a Cranelift compile) bounded.
 pub const MODULE_INPUT_BYTES_MAX: usize = 16 * 1024;
 
-/// Network frames (`/vp/wire/1`): the input is the byte stream a peer sends.
+/// Network frames (`/vp/wire/2`): the input is the byte stream a peer sends.
 ///
 /// Decodes it as one frame body and as a stream of length-prefixed frames
 /// (`read_frame`, as the daemon's stream reader does). Every decoded [`Wire`]

@@ -1,4 +1,4 @@
-//! The host's network: libp2p connections and the `/vp/wire/1` message streams.
+//! The host's network: libp2p connections and the `/vp/wire/2` message streams.
 //!
 //! Tasks and what each owns (docs/host.md has the picture):
 //!
@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, oneshot};
 use frame::{FrameError, encode_frame, read_frame, write_frames};
 
 /// The protocol of vp's message streams.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/vp/wire/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/vp/wire/2");
 /// The agent string sent in identify.
 pub const AGENT: &str = concat!("vp-host/", env!("CARGO_PKG_VERSION"));
 /// Bytes a writer batches into one write.
@@ -590,7 +590,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         rx.await.map_err(|_| anyhow::anyhow!("network stopped"))
     }
 
-    /// Open a raw `/vp/wire/1` stream to `peer` (tests write malformed frames with it).
+    /// Open a raw `/vp/wire/2` stream to `peer` (tests write malformed frames with it).
     #[doc(hidden)]
     pub async fn open_raw_stream(&self, peer: PeerId) -> Result<libp2p::Stream> {
         let mut control = self.inner.control.clone();
@@ -627,7 +627,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
     }
 }
 
-/// Open a `/vp/wire/1` stream to `peer`, connecting first if need be.
+/// Open a `/vp/wire/2` stream to `peer`, connecting first if need be.
 ///
 /// `libp2p_stream` starts a dial for an unconnected peer through a channel
 /// with room for one request: a second open to another unconnected peer in

@@ -38,7 +38,7 @@ pub const LEAVE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// looks at the others (and at its timers) again.
 pub const TURN_EVENTS_MAX: usize = 64;
 
-/// Everything hosts say to each other on `/vp/wire/1`.
+/// Everything hosts say to each other on `/vp/wire/2`.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Wire {
     /// A skip-graph message.
