@@ -18,10 +18,15 @@ pub enum Beat {
     /// The node task's 25 ms tick (the node is one task: a long input
     /// stops it while the other tasks run on).
     Node = 1,
+    /// A member thread's loop, which wakes at least every 20 ms. Shared by
+    /// all member threads of the host: with one virtual peer per host (the
+    /// benchmarks) it is that member's; with several, only a stall of all
+    /// of them shows.
+    Member = 2,
 }
 
-const BEAT_NAMES: [&str; 2] = ["async runtime", "node task"];
-static BEATS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+const BEAT_NAMES: [&str; 3] = ["async runtime", "node task", "member thread"];
+static BEATS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
 /// A beat older than this is a stall.
@@ -36,6 +41,34 @@ fn now_ms() -> u64 {
 /// Records that `beat` made progress now.
 pub fn beat(beat: Beat) {
     BEATS[beat as usize].store(now_ms().max(1), Ordering::Relaxed);
+}
+
+static MEMBERS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Held by a running member thread: while none runs, [`Beat::Member`] is not
+/// watched (a host whose last member left is not stalled).
+pub struct MemberRunning(());
+
+impl MemberRunning {
+    pub fn new() -> MemberRunning {
+        MEMBERS_RUNNING.fetch_add(1, Ordering::Relaxed);
+        beat(Beat::Member);
+        MemberRunning(())
+    }
+}
+
+impl Default for MemberRunning {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for MemberRunning {
+    fn drop(&mut self) {
+        if MEMBERS_RUNNING.fetch_sub(1, Ordering::Relaxed) == 1 {
+            BEATS[Beat::Member as usize].store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Starts the watchdog: a runtime task that beats, and a thread that looks.
@@ -66,13 +99,14 @@ pub fn start() {
 
 fn watch() {
     // Per beat: when the current stall was reported (its start), if any.
-    let mut reported: [Option<u64>; 2] = [None, None];
+    let mut reported: [Option<u64>; 3] = [None; 3];
     loop {
         std::thread::sleep(PERIOD);
         let now = now_ms();
         for (i, b) in BEATS.iter().enumerate() {
             let last = b.load(Ordering::Relaxed);
             if last == 0 {
+                reported[i] = None;
                 continue;
             }
             let silent = now.saturating_sub(last);

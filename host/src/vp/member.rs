@@ -713,6 +713,7 @@ impl Member {
         let span = tracing::info_span!("vp", vp = %self.vp());
         let _guard = span.enter();
         tracing::info!(voters = ?self.membership.voters, "member started");
+        let _watched = crate::watchdog::MemberRunning::new();
         self.was_member = self.membership.is_member(self.ctx.me);
         if start_fresh_guest {
             self.install(Slot(0), self.membership.clone(), Bytes::default());
@@ -736,6 +737,7 @@ impl Member {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            crate::watchdog::beat(crate::watchdog::Beat::Member);
             let now = self.now();
             // After a long apply, a follower gives the leader (busy applying the
             // same entries) one election timeout to speak before campaigning;
