@@ -223,7 +223,7 @@ async fn a_message_after_the_connection_closed_goes_on_a_new_one() {
     raw.flush().await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let NetEvent::Disconnected { peer } = a_events.recv().await.expect("events open")
+            if let NetEvent::Disconnected { peer, .. } = a_events.recv().await.expect("events open")
                 && peer == b_id
             {
                 return;

@@ -104,8 +104,10 @@ pub enum NetEvent<M> {
     Message { from: PeerId, msg: M },
     /// The first connection to a peer was established.
     Connected { peer: PeerId, addr: Multiaddr },
-    /// The last connection to a peer closed.
-    Disconnected { peer: PeerId },
+    /// The last connection to a peer closed; `broken` if it failed (an I/O
+    /// error: the peer's process died, or the network between us did) rather
+    /// than being closed (idle, or on purpose).
+    Disconnected { peer: PeerId, broken: bool },
     /// A peer told us its listen addresses.
     Identified {
         peer: PeerId,
@@ -910,7 +912,8 @@ async fn swarm_task<M: Send + 'static>(
                     tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
                     rtts.remove(&peer_id);
                     conn_addrs.remove(&peer_id);
-                    let _ = events.send(NetEvent::Disconnected { peer: peer_id }).await;
+                    let broken = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                    let _ = events.send(NetEvent::Disconnected { peer: peer_id, broken }).await;
                 }
                 SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                     let text = error.to_string();

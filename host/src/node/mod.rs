@@ -387,7 +387,18 @@ impl Node {
             NetEvent::Connected { peer, .. } => {
                 self.vps.gone.remove(&peer);
             }
-            NetEvent::Disconnected { peer } => self.on_peer_gone(peer),
+            NetEvent::Disconnected { peer, broken } => {
+                if broken {
+                    // The overlay stops routing through it now, not after its
+                    // own failure detector or a failed dial (a restarted host
+                    // rejoining through a neighbour killed a moment before
+                    // took 1-5 s; a host that is alive after all is taken
+                    // back when it next speaks).
+                    let now = self.now();
+                    self.alm.handle_unreachable(now, host_id_of(&peer));
+                }
+                self.on_peer_gone(peer);
+            }
             NetEvent::ListenAddr(_) => {}
             NetEvent::Unreachable { peer } if !self.net.knows_addresses(&peer) => {
                 // Not known to be dead, only not known where: a host that
