@@ -117,6 +117,41 @@ async fn many_peers_learned_second_hand_are_all_dialed_at_once() {
     assert_eq!(a.counters().frames_dropped_unreachable, 0);
 }
 
+#[test]
+fn a_peer_that_vanishes_is_reported_as_a_broken_connection() {
+    // b runs on a runtime of its own; dropping that runtime closes b's
+    // sockets under its connections, as a killed process's are closed.
+    let b_rt = tokio::runtime::Runtime::new().unwrap();
+    let (b_id, b_addr, b_keep) = b_rt.block_on(async {
+        let (b, b_events, b_addr) = host(None).await;
+        (b.local_peer_id(), b_addr, (b, b_events))
+    });
+    let a_rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, mut a_events) = a_rt.block_on(async {
+        let (a, a_events, _) = host(None).await;
+        assert_eq!(a.dial(b_addr).await.unwrap(), b_id);
+        (a, a_events)
+    });
+    drop(b_keep);
+    drop(b_rt);
+    let broken = a_rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let NetEvent::Disconnected { peer, broken } =
+                    a_events.recv().await.expect("events open")
+                    && peer == b_id
+                {
+                    return broken;
+                }
+            }
+        })
+        .await
+        .expect("a sees the connection end")
+    });
+    assert!(broken, "a connection whose peer vanished counts as broken");
+    drop(a);
+}
+
 #[tokio::test]
 async fn private_networks_keep_strangers_out() {
     let key = libp2p::pnet::PreSharedKey::new([1; 32]);
