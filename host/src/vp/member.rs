@@ -197,11 +197,25 @@ impl ModuleSource {
     fn get(&mut self) -> Result<Arc<LoadedModule>, String> {
         let current = std::mem::replace(self, ModuleSource::Failed(String::new()));
         *self = match current {
-            ModuleSource::Compiling(handle) => match handle.join() {
-                Ok(Ok(module)) => ModuleSource::Loaded(module),
-                Ok(Err(e)) => ModuleSource::Failed(format!("the module does not load here: {e}")),
-                Err(_) => ModuleSource::Failed("the module compiler panicked".into()),
-            },
+            ModuleSource::Compiling(handle) => {
+                // Waiting for the compiler is expected (a learner installs
+                // its first snapshot before the module is ready), not a
+                // stall: the watchdog keeps hearing from this thread.
+                if !handle.is_finished() {
+                    tracing::debug!("waiting for the module to compile");
+                }
+                while !handle.is_finished() {
+                    crate::watchdog::beat(crate::watchdog::Beat::Member);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                match handle.join() {
+                    Ok(Ok(module)) => ModuleSource::Loaded(module),
+                    Ok(Err(e)) => {
+                        ModuleSource::Failed(format!("the module does not load here: {e}"))
+                    }
+                    Err(_) => ModuleSource::Failed("the module compiler panicked".into()),
+                }
+            }
             done => done,
         };
         match self {
