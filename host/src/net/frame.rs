@@ -1,8 +1,9 @@
 //! Frames on a `/vp/wire/2` stream: a 4-byte big-endian length, then that
 //! many bytes of postcard (the serde data model in varints, fields in
-//! declaration order, no names; `/vp/wire/2` was CBOR, whose decoding was 4.5%
-//! of all CPU at the commit benchmark's peak). Every frame is bounded by [`FRAME_BYTES_MAX`]; a frame
-//! that is too large or does not decode closes the stream.
+//! declaration order, no names; `/vp/wire/1` carried CBOR, whose decoding was
+//! 4.5% of all CPU at the commit benchmark's peak). Every frame is bounded by
+//! [`FRAME_BYTES_MAX`]; a frame that is too large or does not decode closes
+//! the stream.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::Serialize;

@@ -503,9 +503,10 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Net<M> {
         !self.inner.addresses.get(peer).is_empty()
     }
 
-    /// Dial `peer` unless connected or dialing already (no waiting; a dial
-    /// that fails is reported as [`NetEvent::Unreachable`] only for frames).
-    /// Used to find out whether a peer thought dead is back.
+    /// Dial `peer` unless connected or dialing already; never waits. Success
+    /// shows as [`NetEvent::Connected`]; a failed dial reports nothing (only
+    /// frames that cannot be delivered give [`NetEvent::Unreachable`]). Used
+    /// to find out whether a peer thought dead is back.
     pub fn connect(&self, peer: PeerId) {
         let _ = self.inner.commands.try_send(Command::Connect { peer });
     }

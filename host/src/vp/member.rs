@@ -1491,7 +1491,7 @@ impl Member {
         // Learn now how to reach members this host has never talked to (a
         // replacement added by the leader): after the next failure any of
         // them may have to run an election, and a lookup then costs time.
-        let mut unknown = 0;
+        let mut unknown = false;
         for host in membership
             .voters
             .iter()
@@ -1499,7 +1499,7 @@ impl Member {
             .chain(membership.learners.iter().map(|l| l.host))
         {
             if host != self.ctx.me && self.ctx.directory.get(host).is_none() {
-                unknown += 1;
+                unknown = true;
                 let _ = self.ctx.node.try_send(MemberOutput::Resolve(host));
             }
         }
@@ -1508,7 +1508,7 @@ impl Member {
         // overlay lookup ends (which, on a host that just rejoined the
         // overlay, took seconds: a survivor then could not reach the other
         // survivor to be elected, and the election waited for the timeout).
-        if unknown > 0
+        if unknown
             && let Some((leader, contact)) = self.leader_contact()
             && leader != self.ctx.me
         {

@@ -69,7 +69,6 @@ pub enum VpWire {
         nonce: u64,
         member: HostId,
         leader: Option<(HostId, PeerContact)>,
-        #[serde(default)]
         voters: Vec<(HostId, PeerContact)>,
     },
     Request(Request),
