@@ -520,3 +520,112 @@ fn modules_are_compiled_once_per_hash() {
         Some(true)
     );
 }
+
+// ---- compiled modules kept on disk ----------------------------------------------------
+
+/// A fresh directory for one test, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("vp-sandbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Scratch(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn counts(sandbox: &Sandbox) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = sandbox.counters();
+    (c.compiled.load(Relaxed), c.from_disk.load(Relaxed))
+}
+
+/// The cache directory's `.cwasm` files.
+fn cwasm_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect()
+}
+
+/// A counter started from `sandbox` adds and reads back.
+fn counter_works(sandbox: &Sandbox) {
+    let module = load(sandbox, vp_apps::COUNTER);
+    let mut guest = Guest::start(sandbox, module, GuestLimits::default()).unwrap();
+    assert_eq!(ok(&mut guest, 1, json!({"add": 5})), json!(5));
+    assert_eq!(ok(&mut guest, 2, json!("get")), json!(5));
+}
+
+#[test]
+fn a_module_compiled_once_is_read_back_from_disk() {
+    let dir = Scratch::new("cache-reuse");
+    let first = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    counter_works(&first);
+    assert_eq!(counts(&first), (1, 0));
+    assert_eq!(cwasm_files(dir.path()).len(), 1);
+
+    // Another sandbox (a restarted host) does not compile it again.
+    let second = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    counter_works(&second);
+    assert_eq!(counts(&second), (0, 1));
+    // A sandbox without the cache compiles.
+    let plain = Sandbox::new().unwrap();
+    counter_works(&plain);
+    assert_eq!(counts(&plain), (1, 0));
+}
+
+#[test]
+fn a_damaged_compiled_module_is_compiled_again_never_run() {
+    let dir = Scratch::new("cache-damaged");
+    counter_works(&Sandbox::with_compiled_cache(dir.path()).unwrap());
+    let file = cwasm_files(dir.path()).pop().unwrap();
+    let intact = std::fs::read(&file).unwrap();
+
+    // One flipped bit in the machine code; then a file cut short (a crash
+    // during the write); then a file from something else altogether.
+    let mut flipped = intact.clone();
+    let at = intact.len() / 2;
+    flipped[at] ^= 0x10;
+    let damaged = [
+        flipped,
+        intact[..intact.len() / 3].to_vec(),
+        b"hello".to_vec(),
+    ];
+    for bytes in damaged {
+        std::fs::write(&file, &bytes).unwrap();
+        let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+        counter_works(&sandbox);
+        assert_eq!(counts(&sandbox), (1, 0), "a damaged file is not loaded");
+        // Compiled again and written back whole.
+        assert_eq!(std::fs::read(&file).unwrap().len(), intact.len());
+        let next = Sandbox::with_compiled_cache(dir.path()).unwrap();
+        counter_works(&next);
+        assert_eq!(counts(&next), (0, 1));
+    }
+}
+
+#[test]
+fn a_module_that_fails_its_checks_is_not_kept() {
+    let dir = Scratch::new("cache-refused");
+    let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    let wasm = wat::parse_str(
+        r#"(module (import "wasi" "fd_write" (func)) (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        sandbox.load(&wasm),
+        Err(LoadError::UnsupportedImport { .. })
+    ));
+    assert!(cwasm_files(dir.path()).is_empty());
+}

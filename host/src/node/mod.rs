@@ -159,7 +159,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     let me = host_ref(local, &addrs);
     let seed = rand::random();
-    let sandbox = std::sync::Arc::new(crate::sandbox::Sandbox::new()?);
+    let sandbox = std::sync::Arc::new(crate::sandbox::Sandbox::with_compiled_cache(
+        &cfg.data_dir.join("modules").join("compiled"),
+    )?);
     let modules = crate::vp::modules::ModuleStore::open(&cfg.data_dir)?;
     let (member_tx, mut member_rx) = mpsc::channel(4096);
     let (calls, mut call_rx) = mpsc::channel(1024);

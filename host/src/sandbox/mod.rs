@@ -1,8 +1,9 @@
 //! The deterministic guest sandbox.
 //!
 //! One [`Sandbox`] per host: a Wasmtime engine configured for determinism and
-//! a cache of compiled modules (one per module hash). One [`Guest`] per
-//! virtual-peer replica: a single instance reused across messages.
+//! a cache of compiled modules (one per module hash; a host's also on disk,
+//! `compiled.rs`). One [`Guest`] per virtual-peer replica: a single instance
+//! reused across messages.
 //!
 //! Determinism: NaNs are canonicalised, relaxed SIMD is deterministic, wasm
 //! threads are not compiled in, every message runs under a fuel limit and the
@@ -17,10 +18,12 @@
 //! those envelopes, discarding their effects. Every replica does the same, so
 //! they stay identical. See docs/abi.md.
 
+mod compiled;
 pub mod module;
 pub mod snapshot;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -289,12 +292,25 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<GuestData>,
     modules: DashMap<ModuleHash, Arc<LoadedModule>>,
+    /// Compiled modules on disk (`Sandbox::with_compiled_cache`).
+    compiled_cache: Option<compiled::CompiledCache>,
+    counters: LoadCounters,
+}
+
+/// How the modules a sandbox loaded got their machine code.
+#[derive(Debug, Default)]
+pub struct LoadCounters {
+    /// Compiled from WebAssembly.
+    pub compiled: AtomicU64,
+    /// Read back from the on-disk cache.
+    pub from_disk: AtomicU64,
 }
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
             .field("modules", &self.modules.len())
+            .field("compiled_cache", &self.compiled_cache)
             .finish()
     }
 }
@@ -323,7 +339,29 @@ impl Sandbox {
             engine,
             linker,
             modules: DashMap::new(),
+            compiled_cache: None,
+            counters: LoadCounters::default(),
         })
+    }
+
+    /// A sandbox that keeps the machine code of the modules it compiles in
+    /// `dir` and reads it back instead of compiling again (a host restarting
+    /// with its virtual peers; see `compiled.rs` for what is checked).
+    pub fn with_compiled_cache(dir: &std::path::Path) -> Result<Sandbox, LoadError> {
+        let mut sandbox = Sandbox::new()?;
+        let cache = compiled::CompiledCache::open(dir, &sandbox.engine).map_err(|e| {
+            LoadError::Engine(format!(
+                "cannot create the compiled-module cache {}: {e}",
+                dir.display()
+            ))
+        })?;
+        sandbox.compiled_cache = Some(cache);
+        Ok(sandbox)
+    }
+
+    /// How many modules were compiled, and how many read back from disk.
+    pub fn counters(&self) -> &LoadCounters {
+        &self.counters
     }
 
     fn define_imports(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
@@ -416,8 +454,22 @@ impl Sandbox {
             return Ok(module.clone());
         }
         let rewritten = module::rewrite(bytes)?;
-        let module = wasmtime::Module::new(&self.engine, &rewritten.bytes)
-            .map_err(|e| LoadError::Invalid(format!("{:#}", e)))?;
+        let cached = self
+            .compiled_cache
+            .as_ref()
+            .and_then(|c| c.get(&self.engine, &hash));
+        let module = match cached {
+            Some(module) => {
+                self.counters.from_disk.fetch_add(1, Ordering::Relaxed);
+                module
+            }
+            None => {
+                let module = wasmtime::Module::new(&self.engine, &rewritten.bytes)
+                    .map_err(|e| LoadError::Invalid(format!("{:#}", e)))?;
+                self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+                module
+            }
+        };
         for import in module.imports() {
             let expected = IMPORTS
                 .iter()
@@ -493,6 +545,10 @@ impl Sandbox {
             });
         }
         loaded.abi_version = version;
+        // Only a module that passed every check is kept on disk.
+        if let Some(cache) = self.compiled_cache.as_ref().filter(|c| !c.contains(&hash)) {
+            cache.put(&hash, loaded.pre.module());
+        }
         let loaded = Arc::new(loaded);
         if self.modules.len() >= MODULES_MAX {
             self.modules.retain(|_, m| Arc::strong_count(m) > 1);

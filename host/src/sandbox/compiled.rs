@@ -1,0 +1,128 @@
+//! Compiled modules kept on disk, so that a host restarting with its virtual
+//! peers (or deploying an app it ran before) does not compile them again.
+//!
+//! One file per module and engine: `<dir>/<module sha256>-<engine tag>.cwasm`,
+//! where the engine tag is a digest of everything Wasmtime says a compiled
+//! module depends on (its version, the engine's configuration, the CPU
+//! features compiled for: `Engine::precompile_compatibility_hash`). A file
+//! holds a magic, the SHA-256 of the rest, and the bytes of
+//! `Module::serialize`.
+//!
+//! Loading compiled code runs it, so nothing is loaded that fails its
+//! checksum: a file cut short by a crash, flipped bits or a stray write is
+//! deleted and the module compiled again. Wasmtime itself refuses code for
+//! another version or configuration. Writes go to a temporary file renamed
+//! into place and are not synced: a cache file lost in a crash is compiled
+//! again, and one half-written is caught by its checksum.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Engine, Module};
+
+use super::ModuleHash;
+
+const MAGIC: &[u8; 8] = b"vpcwasm1";
+const HEADER_BYTES: usize = MAGIC.len() + 32;
+
+/// The on-disk cache of one sandbox's engine.
+#[derive(Debug)]
+pub(super) struct CompiledCache {
+    dir: PathBuf,
+    engine_tag: String,
+}
+
+/// Feeds what `Hash` writes into SHA-256 (stable across runs and builds,
+/// unlike the standard library's hasher).
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        // Never called: the digest is taken from the inner state.
+        0
+    }
+}
+
+impl CompiledCache {
+    /// The cache in `dir` (created if missing) for `engine`.
+    pub(super) fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompiledCache> {
+        std::fs::create_dir_all(dir)?;
+        let mut hasher = ShaHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let digest = hasher.0.finalize();
+        let engine_tag = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(CompiledCache {
+            dir: dir.to_path_buf(),
+            engine_tag,
+        })
+    }
+
+    fn path(&self, hash: &ModuleHash) -> PathBuf {
+        self.dir.join(format!("{hash}-{}.cwasm", self.engine_tag))
+    }
+
+    /// The module compiled earlier, if its file is there and intact. A file
+    /// that is not is removed (and reported), never loaded.
+    pub(super) fn get(&self, engine: &Engine, hash: &ModuleHash) -> Option<Module> {
+        let path = self.path(hash);
+        let bytes = std::fs::read(&path).ok()?;
+        let intact = bytes.len() >= HEADER_BYTES
+            && &bytes[..MAGIC.len()] == MAGIC
+            && Sha256::digest(&bytes[HEADER_BYTES..]).as_slice()
+                == &bytes[MAGIC.len()..HEADER_BYTES];
+        if !intact {
+            tracing::warn!(path = %path.display(), "compiled module file is damaged; removing it and compiling again");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        // SAFETY: `Module::deserialize` trusts its input to be what
+        // `Module::serialize` produced. These bytes are: the checksum above
+        // matches what `put` wrote from `Module::serialize`, in this host's
+        // own data directory. Wasmtime checks the version and configuration.
+        match unsafe { Module::deserialize(engine, &bytes[HEADER_BYTES..]) } {
+            Ok(module) => Some(module),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "compiled module file not usable ({e:#}); compiling again");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Whether a file for this module is there (intact or not).
+    pub(super) fn contains(&self, hash: &ModuleHash) -> bool {
+        self.path(hash).exists()
+    }
+
+    /// Keep `module` (compiled from the module named `hash`) for next time.
+    /// Failing to is reported and otherwise ignored: it costs a compilation.
+    pub(super) fn put(&self, hash: &ModuleHash, module: &Module) {
+        let path = self.path(hash);
+        let result = module
+            .serialize()
+            .map_err(std::io::Error::other)
+            .and_then(|code| {
+                let mut bytes = Vec::with_capacity(HEADER_BYTES + code.len());
+                bytes.extend_from_slice(MAGIC);
+                bytes.extend_from_slice(&Sha256::digest(&code));
+                bytes.extend_from_slice(&code);
+                // Two threads compiling the same module each write their own file.
+                let tmp = self
+                    .dir
+                    .join(format!(".{hash}.{:016x}.tmp", rand::random::<u64>()));
+                std::fs::write(&tmp, &bytes)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&tmp);
+                    })
+            });
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "cannot keep the compiled module: {e}");
+        }
+    }
+}
