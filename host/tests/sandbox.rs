@@ -629,3 +629,27 @@ fn a_module_that_fails_its_checks_is_not_kept() {
     ));
     assert!(cwasm_files(dir.path()).is_empty());
 }
+
+#[test]
+fn other_engines_files_and_leftovers_are_cleared_when_the_cache_opens() {
+    let dir = Scratch::new("cache-stale");
+    counter_works(&Sandbox::with_compiled_cache(dir.path()).unwrap());
+    let ours = cwasm_files(dir.path()).pop().unwrap();
+    let hash = ours.file_name().unwrap().to_string_lossy()[..64].to_string();
+    let older = dir.path().join(format!("{hash}-0123456789abcdef.cwasm"));
+    let leftover = dir.path().join(format!(".{hash}.00000000deadbeef.tmp"));
+    let unrelated = dir.path().join("notes.txt");
+    for f in [&older, &leftover, &unrelated] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    assert!(ours.exists());
+    assert!(!older.exists());
+    assert!(!leftover.exists());
+    assert!(
+        unrelated.exists(),
+        "only the cache's own kinds of file are removed"
+    );
+    counter_works(&sandbox);
+    assert_eq!(counts(&sandbox), (0, 1));
+}

@@ -386,6 +386,7 @@ impl Node {
                 tracing::warn!(%vp, module = %file.config.module, "module missing from the store; cannot restart");
                 continue;
             };
+            let started = Instant::now();
             let module = match self.vps.sandbox.load(&bytes) {
                 Ok(m) => m,
                 Err(e) => {
@@ -395,7 +396,11 @@ impl Node {
             };
             match start_member(self.vp_ctx(), module, vp, None) {
                 Ok(handle) => {
-                    tracing::info!(%vp, "rejoined virtual peer from disk");
+                    tracing::info!(
+                        %vp,
+                        module_load_ms = started.elapsed().as_millis() as u64,
+                        "rejoined virtual peer from disk"
+                    );
                     self.vps.members.insert(vp, handle);
                 }
                 Err(e) => tracing::error!(%vp, "cannot restart member: {e:#}"),

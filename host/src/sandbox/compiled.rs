@@ -4,7 +4,8 @@
 //! One file per module and engine: `<dir>/<module sha256>-<engine tag>.cwasm`,
 //! where the engine tag is a digest of everything Wasmtime says a compiled
 //! module depends on (its version, the engine's configuration, the CPU
-//! features compiled for: `Engine::precompile_compatibility_hash`). A file
+//! features compiled for: `Engine::precompile_compatibility_hash`); opening
+//! the cache deletes other engines' files and leftover temporary ones. A file
 //! holds a magic, the SHA-256 of the rest, and the bytes of
 //! `Module::serialize`.
 //!
@@ -55,7 +56,19 @@ impl CompiledCache {
         let mut hasher = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let digest = hasher.0.finalize();
-        let engine_tag = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let engine_tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        // Files of another engine (an older vp-host, another CPU) can never
+        // be loaded by this one, and temporary files are from writes a crash
+        // cut short: both go.
+        let ours = format!("-{engine_tag}.cwasm");
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = (name.ends_with(".cwasm") && !name.ends_with(&ours))
+                || (name.starts_with('.') && name.ends_with(".tmp"));
+            if stale {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(CompiledCache {
             dir: dir.to_path_buf(),
             engine_tag,
