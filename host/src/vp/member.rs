@@ -1646,10 +1646,16 @@ impl Member {
             ),
             LogInput::OutboundReply(id, result) => {
                 self.record(cmd.client, cmd.seq, &Ok(Vec::new().into()));
-                if self.state.outbox.remove(&id).is_none() {
+                let Some(out) = self.state.outbox.remove(&id) else {
                     return; // already answered
-                }
+                };
                 self.outbox_sent.remove(&id);
+                // The guest drops answers to one-way messages, so an error
+                // (no answer in OUTBOUND_TIMEOUT; the callee refused it) would
+                // go unseen: the hosts say it.
+                if let (false, Err(why)) = (out.call, &result) {
+                    tracing::warn!(to = %out.to, id, "a one-way message was not delivered: {why}");
+                }
                 Envelope(time_ms, entropy, Input::CallReply(id, result))
             }
         };
