@@ -125,6 +125,18 @@ async fn spawn_send_status_and_every_example_app() {
         assert_eq!(s.voters.len(), 3);
         assert!(s.leader.is_some());
         assert!(s.applied_below >= 3);
+        // Every member times its log writes; the leader also its slots and
+        // requests (the messages above went through it).
+        let t = &s.timings;
+        assert!(t.log_write.samples > 0, "h{i}: {t:?}");
+        assert!(t.log_write.p50_us <= t.log_write.max_us, "h{i}: {t:?}");
+        let leads = s.leader.as_deref() == Some(s.host.as_str());
+        assert_eq!(t.commit.samples > 0, leads, "h{i}: {t:?}");
+        assert_eq!(t.request.samples > 0, leads, "h{i}: {t:?}");
+        if leads {
+            assert!(t.request.samples >= 3, "h{i}: {t:?}");
+            assert!(t.commit.max_us > 0 && t.request.max_us > 0, "h{i}: {t:?}");
+        }
     }
 
     let kv = c.spawn(1, vp_apps::KV, "").await.expect("spawn kv");

@@ -82,14 +82,47 @@ pub struct CommitReport {
     /// start order, leader first, then this process).
     pub peak_cpu_us_per_msg: f64,
     pub peak_cpu_percent: Vec<f64>,
+    /// Medians of the members' own timings at the end of the closed-loop
+    /// phase (each over its last 1,024 samples, `vp-host status`).
+    pub peak_stages_us: Stages,
     /// Open loop at a quarter of the peak rate.
     pub quarter_msgs_per_s: f64,
     pub quarter_p50_ms: f64,
     pub quarter_p99_ms: f64,
+    pub quarter_stages_us: Stages,
     /// Open loop at each rate asked for with `--rates` (empty without it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub at_rates: Vec<RatePoint>,
     pub errors: u64,
+}
+
+/// Where a message's time went, in µs (medians; see `MemberTimings`).
+#[derive(Debug, Serialize)]
+pub struct Stages {
+    /// The leader's log write and sync.
+    pub leader_log_write: u64,
+    /// A follower's log write and sync.
+    pub follower_log_write: u64,
+    /// A slot, from its accept sent to decided on the leader.
+    pub commit: u64,
+    /// A request, from proposed to answered on the leader.
+    pub request: u64,
+}
+
+impl Stages {
+    async fn of(c: &LocalCluster, vp: &str, leader: usize) -> Result<Stages> {
+        let follower = (0..c.hosts.len())
+            .find(|&i| i != leader)
+            .context("no follower")?;
+        let l = c.vp_status(leader, vp).await?.timings;
+        let f = c.vp_status(follower, vp).await?.timings;
+        Ok(Stages {
+            leader_log_write: l.log_write.p50_us,
+            follower_log_write: f.log_write.p50_us,
+            commit: l.commit.p50_us,
+            request: l.request.p50_us,
+        })
+    }
 }
 
 /// Latency of the open-loop phase at one offered rate.
@@ -266,6 +299,7 @@ pub async fn commit(
     let (n, lat, e1) = load(&target, clients, bytes, seconds, None).await;
     let cpu_after = cpu_ticks(&pids);
     let slots = c.vp_status(via, &vp).await?.decided_below - slots_before;
+    let peak_stages = Stages::of(&c, &vp, via).await?;
     let cpu_s: Vec<f64> = cpu_before
         .iter()
         .zip(&cpu_after)
@@ -273,6 +307,7 @@ pub async fn commit(
         .collect();
     let peak = n as f64 / seconds;
     let (qn, qlat, mut e2) = load(&target, clients, bytes, seconds, Some(peak / 4.0)).await;
+    let quarter_stages = Stages::of(&c, &vp, via).await?;
     let mut at_rates = Vec::new();
     for &rate in rates {
         let (n, lat, e) = load(&target, clients, bytes, seconds, Some(rate)).await;
@@ -300,9 +335,11 @@ pub async fn commit(
             .iter()
             .map(|s| (s * 1000.0 / seconds).round() / 10.0)
             .collect(),
+        peak_stages_us: peak_stages,
         quarter_msgs_per_s: qn as f64 / seconds,
         quarter_p50_ms: percentile(&qlat, 0.5),
         quarter_p99_ms: percentile(&qlat, 0.99),
+        quarter_stages_us: quarter_stages,
         at_rates,
         errors: e1 + e2,
     };

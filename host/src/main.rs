@@ -640,6 +640,29 @@ fn print_vp_status(s: &vp_host::vp::VpStatus) {
         s.guest_handled,
         s.outbox
     );
+    let t = &s.timings;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let line = |r: &vp_host::vp::Recent, what: &str| {
+        format!(
+            "{what} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (last {})",
+            ms(r.p50_us),
+            ms(r.p99_us),
+            ms(r.max_us),
+            r.samples
+        )
+    };
+    if t.log_write.samples > 0 {
+        println!("disk      {}", line(&t.log_write, "log write + sync"));
+    }
+    if t.commit.samples > 0 {
+        println!("ordering  {}", line(&t.commit, "slot accepted to decided"));
+    }
+    if t.request.samples > 0 {
+        println!(
+            "          {}",
+            line(&t.request, "request proposed to answered")
+        );
+    }
 }
 
 fn run_spawn(

@@ -30,8 +30,8 @@ use vp_guest_sdk::abi::{self, Effect, Envelope, Input, VpId, WireResult};
 use super::directory::Directory;
 use super::wire::{Reply, Request, VpWire};
 use super::{
-    HostState, LogInput, Outbound, VpConfig, VpStatus, address_of, client_of, decode_image,
-    encode_image,
+    HostState, LogInput, MemberTimings, Outbound, Recent, VpConfig, VpStatus, address_of,
+    client_of, decode_image, encode_image,
 };
 use crate::net::Net;
 use crate::node::Wire;
@@ -54,6 +54,69 @@ const TICK: Duration = Duration::from_millis(20);
 pub const CONTACTS_FILE: &str = "contacts.json";
 /// How often a member checks whether those contacts changed.
 const CONTACTS_EVERY: Duration = Duration::from_secs(1);
+/// Durations of each kind kept for `vp-host status` (the most recent).
+pub const RECENT_SAMPLES: usize = 1024;
+/// Slots a leader times at once (far more than a window holds).
+const SLOTS_TIMED_MAX: usize = 4096;
+
+/// The last `RECENT_SAMPLES` durations of one kind, in microseconds.
+#[derive(Debug, Default)]
+pub struct Samples {
+    ring: Vec<u32>,
+    next: usize,
+}
+
+impl Samples {
+    pub fn push(&mut self, took: Duration) {
+        let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        if self.ring.len() < RECENT_SAMPLES {
+            self.ring.push(us);
+        } else {
+            self.ring[self.next] = us;
+        }
+        self.next = (self.next + 1) % RECENT_SAMPLES;
+    }
+
+    pub fn summary(&self) -> Recent {
+        let mut sorted = self.ring.clone();
+        sorted.sort_unstable();
+        let at = |p: f64| {
+            let i = ((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1);
+            sorted.get(i).map_or(0, |&v| u64::from(v))
+        };
+        Recent {
+            samples: sorted.len() as u32,
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: sorted.last().map_or(0, |&v| u64::from(v)),
+        }
+    }
+}
+
+type SharedSamples = Arc<std::sync::Mutex<Samples>>;
+
+/// What a member times for `vp-host status`.
+#[derive(Debug, Default)]
+struct Timings {
+    /// Written by whichever thread writes the log.
+    log_write: SharedSamples,
+    commit: Samples,
+    request: Samples,
+}
+
+impl Timings {
+    fn summary(&self) -> MemberTimings {
+        MemberTimings {
+            log_write: self
+                .log_write
+                .lock()
+                .map(|w| w.summary())
+                .unwrap_or_default(),
+            commit: self.commit.summary(),
+            request: self.request.summary(),
+        }
+    }
+}
 
 /// What the node (or the API, through it) asks a member thread.
 #[derive(Debug)]
@@ -325,7 +388,8 @@ pub fn start_member(
     let membership = replica.membership().clone();
     let config = file.config.clone();
     let (tx, rx) = std::sync::mpsc::sync_channel(MEMBER_QUEUE_MAX);
-    let disk = Disk::start(vp, store, tx.clone())?;
+    let timings = Timings::default();
+    let disk = Disk::start(vp, store, tx.clone(), timings.log_write.clone())?;
     let member = Member {
         cfg: file.config,
         ctx,
@@ -336,6 +400,8 @@ pub fn start_member(
         state: HostState::default(),
         clock,
         pending: HashMap::new(),
+        slots_started: HashMap::new(),
+        timings,
         reads: HashMap::new(),
         applied: Slot(0),
         last_checkpoint: Slot(0),
@@ -399,6 +465,8 @@ struct DiskState {
     store: FileStore,
     lagging: Option<LaggingSnapshot>,
     failed: bool,
+    /// Each group commit's duration, for `vp-host status`.
+    log_writes: SharedSamples,
 }
 
 impl DiskState {
@@ -428,6 +496,9 @@ impl DiskState {
             Ok(token)
         });
         let took = started.elapsed();
+        if let Ok(mut w) = self.log_writes.lock() {
+            w.push(took);
+        }
         if took > Duration::from_millis(5) {
             tracing::debug!(
                 batches = batches.len(),
@@ -444,11 +515,17 @@ impl DiskState {
 }
 
 impl Disk {
-    fn start(vp: VpId, store: FileStore, member: SyncSender<MemberEvent>) -> Result<Disk> {
+    fn start(
+        vp: VpId,
+        store: FileStore,
+        member: SyncSender<MemberEvent>,
+        log_writes: SharedSamples,
+    ) -> Result<Disk> {
         let shared = Arc::new(std::sync::Mutex::new(DiskState {
             store,
             lagging: None,
             failed: false,
+            log_writes,
         }));
         let thread = start_storage(vp, shared.clone(), member)?;
         Ok(Disk {
@@ -673,7 +750,12 @@ struct Member {
     state: HostState,
     clock: u64,
     /// Requests this leader proposed, waiting for their reply: who to tell.
-    pending: HashMap<(ClientId, u64), PeerContact>,
+    /// Requests proposed and not yet answered: where the answer goes, and since when.
+    pending: HashMap<(ClientId, u64), (PeerContact, std::time::Instant)>,
+    /// Leader: when each slot in flight had its accept handed off.
+    slots_started: HashMap<u64, std::time::Instant>,
+    /// Recent durations `vp-host status` shows.
+    timings: Timings,
     reads: HashMap<ReadId, Request>,
     applied: Slot,
     last_checkpoint: Slot,
@@ -805,7 +887,7 @@ impl Member {
                 // commands not yet in a slot): tell waiting clients to go
                 // elsewhere now rather than time out. They ask the members
                 // who leads, and hear it as soon as one knows.
-                for ((client, seq), to) in std::mem::take(&mut self.pending) {
+                for ((client, seq), (to, _)) in std::mem::take(&mut self.pending) {
                     self.redirect(&to, client, seq);
                 }
             }
@@ -985,7 +1067,7 @@ impl Member {
         }
         // A retry of a request this leader already proposed: its slot will
         // answer it (a leader that stops leading redirects all of `pending`).
-        if let Some(to) = self.pending.get_mut(&(req.client, req.seq)) {
+        if let Some((to, _)) = self.pending.get_mut(&(req.client, req.seq)) {
             *to = req.reply_to;
             return;
         }
@@ -1006,7 +1088,10 @@ impl Member {
         };
         match self.replica.propose(now, cmd) {
             Ok(()) => {
-                self.pending.insert((req.client, req.seq), req.reply_to);
+                self.pending.insert(
+                    (req.client, req.seq),
+                    (req.reply_to, std::time::Instant::now()),
+                );
             }
             Err(vp_consensus::ProposeError::NotLeader { .. }) => {
                 self.redirect(&req.reply_to, req.client, req.seq);
@@ -1242,6 +1327,9 @@ impl Member {
             }
             if !batches.is_empty() {
                 progressed = true;
+                if self.replica.is_leader() {
+                    self.note_slots_started(&batches);
+                }
                 if self.write_inline(&batches) {
                     // What is ready to go leaves before this thread blocks on the disk.
                     while let Some((to, msg)) = self.replica.poll_send() {
@@ -1338,7 +1426,32 @@ impl Member {
         }
     }
 
+    /// Leader: the slots whose accepts these batches carry start now.
+    fn note_slots_started(&mut self, batches: &[vp_consensus::PersistBatch]) {
+        let now = std::time::Instant::now();
+        if self.slots_started.len() > SLOTS_TIMED_MAX {
+            // Slots that will never come out (a leadership lost meanwhile).
+            self.slots_started.clear();
+        }
+        for b in batches {
+            for r in &b.records {
+                if let vp_consensus::Record::Accept { slot, .. } = r {
+                    self.slots_started.entry(slot.0).or_insert(now);
+                }
+            }
+        }
+    }
+
     fn apply(&mut self, apply: Apply) {
+        let slot = match &apply {
+            Apply::Batch { slot, .. } | Apply::Noop { slot } | Apply::Membership { slot, .. } => {
+                Some(*slot)
+            }
+            _ => None,
+        };
+        if let Some(started) = slot.and_then(|s| self.slots_started.remove(&s.0)) {
+            self.timings.commit.push(started.elapsed());
+        }
         match apply {
             Apply::Snapshot {
                 slot,
@@ -1601,7 +1714,7 @@ impl Member {
             Outcome::Fresh => {}
             Outcome::Refused => {
                 // Not applied and not remembered: nothing to record.
-                if let Some(to) = self.pending.remove(&(cmd.client, cmd.seq)) {
+                if let Some((to, _)) = self.pending.remove(&(cmd.client, cmd.seq)) {
                     let why = format!(
                         "the virtual peer is serving {} client sessions, all active in the \
                          last {} s; not applied, try again later",
@@ -1614,12 +1727,12 @@ impl Member {
             }
             Outcome::Duplicate(reply) => {
                 // Answered from the session table, never applied twice.
-                if let Some(to) = self.pending.remove(&(cmd.client, cmd.seq)) {
+                if let Some((to, since)) = self.pending.remove(&(cmd.client, cmd.seq)) {
                     let result = match reply {
                         SessionReply::Cached(bytes) => abi::codec::decode_result(&bytes)
                             .unwrap_or_else(|e| Err(format!("cached reply unreadable: {e}"))),
                         SessionReply::Pending => {
-                            self.pending.insert((cmd.client, cmd.seq), to);
+                            self.pending.insert((cmd.client, cmd.seq), (to, since));
                             return;
                         }
                         SessionReply::Forgotten => {
@@ -1706,8 +1819,9 @@ impl Member {
 
     fn record_and_answer(&mut self, client: ClientId, seq: u64, result: WireResult) {
         self.record(client, seq, &result);
-        if let Some(to) = self.pending.remove(&(client, seq)) {
+        if let Some((to, since)) = self.pending.remove(&(client, seq)) {
             self.reply(&to, client, seq, result);
+            self.timings.request.push(since.elapsed());
         }
     }
 
@@ -1735,6 +1849,7 @@ impl Member {
             outbox: self.state.outbox.len(),
             guest_handled: handled,
             replacing: self.replacing.as_ref().map(|r| host_text(r.dead)),
+            timings: self.timings.summary(),
         }
     }
 }
@@ -1765,6 +1880,28 @@ mod tests {
     /// acknowledged before it is durable, later appends go on meanwhile, and
     /// the log is compacted only once it is; a restart in between recovers
     /// the old snapshot and the whole log.
+    #[test]
+    fn samples_keep_the_most_recent_and_summarise_them() {
+        let mut s = Samples::default();
+        assert_eq!(s.summary(), Recent::default());
+        for us in 1..=100u64 {
+            s.push(Duration::from_micros(us));
+        }
+        let r = s.summary();
+        assert_eq!(
+            (r.samples, r.p50_us, r.p99_us, r.max_us),
+            (100, 50, 99, 100)
+        );
+        // Past RECENT_SAMPLES, the oldest go: after 10,000 more of 7 µs the
+        // early ones (up to 100 µs) are all gone.
+        for _ in 0..10_000 {
+            s.push(Duration::from_micros(7));
+        }
+        let r = s.summary();
+        assert_eq!(r.samples as usize, RECENT_SAMPLES);
+        assert_eq!((r.p50_us, r.max_us), (7, 7));
+    }
+
     #[test]
     fn a_checkpoint_is_written_beside_the_log_and_compacts_after() {
         let dir = std::env::temp_dir().join(format!("vp-member-lagging-{}", std::process::id()));

@@ -188,6 +188,32 @@ pub struct VpStatus {
     pub outbox: usize,
     pub guest_handled: u64,
     pub replacing: Option<String>,
+    /// Recent durations measured by the reporting member.
+    #[serde(default)]
+    pub timings: MemberTimings,
+}
+
+/// Recent durations of the steps of ordering a message, as one member
+/// measured them (each over its last `member::RECENT_SAMPLES`): what tells a
+/// slow disk from a slow network or a busy machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberTimings {
+    /// One group commit on this member's log: the write and its fdatasync.
+    pub log_write: Recent,
+    /// Leader only: a slot, from its accept handed to the disk and the
+    /// network to its coming out decided (a majority has it durably), in order.
+    pub commit: Recent,
+    /// Leader only: a request, from proposed to answered (ordering, applying).
+    pub request: Recent,
+}
+
+/// A summary of recent durations of one kind (zeros when there were none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recent {
+    pub samples: u32,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
 }
 
 impl VpStatus {
