@@ -749,8 +749,8 @@ struct Member {
     guest: Option<Guest>,
     state: HostState,
     clock: u64,
-    /// Requests this leader proposed, waiting for their reply: who to tell.
-    /// Requests proposed and not yet answered: where the answer goes, and since when.
+    /// Requests this leader proposed, waiting for their reply: who to tell,
+    /// and since when.
     pending: HashMap<(ClientId, u64), (PeerContact, std::time::Instant)>,
     /// Leader: when each slot in flight had its accept handed off.
     slots_started: HashMap<u64, std::time::Instant>,

@@ -198,7 +198,8 @@ pub struct VpStatus {
 /// slow disk from a slow network or a busy machine.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberTimings {
-    /// One group commit on this member's log: the write and its fdatasync.
+    /// One group commit on this member's log: the write, and its fdatasync
+    /// when the batch holds a promise or an accept (nearly always).
     pub log_write: Recent,
     /// Leader only: a slot, from its accept handed to the disk and the
     /// network to its coming out decided (a majority has it durably), in order.
