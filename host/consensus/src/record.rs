@@ -112,6 +112,44 @@ impl SnapshotImage {
         }
         Ok(img)
     }
+
+    /// [`SnapshotImage::decode`] from shared bytes: the application state is
+    /// a part of `bytes`, not a copy (tens of MiB for a large guest, each a
+    /// fresh allocation to fault in, on the thread installing it).
+    pub fn decode_shared(bytes: &Bytes) -> Result<SnapshotImage, ImageError> {
+        let r: SnapshotImageRef<'_> = postcard::from_bytes(bytes.as_slice())
+            .map_err(|e| ImageError::Decode(e.to_string()))?;
+        if xxhash_rust::xxh3::xxh3_64(r.app_state) != r.app_digest {
+            return Err(ImageError::Digest);
+        }
+        // The borrowed state lies within `bytes`: its place there is the
+        // distance between the two starts.
+        let start = r.app_state.as_ptr() as usize - bytes.as_slice().as_ptr() as usize;
+        Ok(SnapshotImage {
+            slot: r.slot,
+            membership: r.membership,
+            epoch_start: r.epoch_start,
+            sessions: r.sessions,
+            time_ms: r.time_ms,
+            app_digest: r.app_digest,
+            app_state: bytes.slice(start..start + r.app_state.len()),
+        })
+    }
+}
+
+/// `SnapshotImage` with the application state borrowed from the encoded
+/// bytes: the same fields in the same order (postcard is positional; a test
+/// checks the two decode alike).
+#[derive(Deserialize)]
+struct SnapshotImageRef<'a> {
+    slot: Slot,
+    membership: Membership,
+    epoch_start: Slot,
+    sessions: SessionTable,
+    time_ms: u64,
+    app_digest: u64,
+    #[serde(borrow)]
+    app_state: &'a [u8],
 }
 
 /// A batch of durable work. The caller makes it durable in this order — append
@@ -141,4 +179,55 @@ pub struct Recovered {
     pub snapshot: Option<Bytes>,
     /// Every intact record, in the order written.
     pub records: Vec<Record>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Epoch, HostId};
+
+    fn image(state: Vec<u8>) -> SnapshotImage {
+        SnapshotImage {
+            slot: Slot(42),
+            membership: Membership {
+                epoch: Epoch(3),
+                voters: vec![HostId(1), HostId(2), HostId(3)],
+                learners: Vec::new(),
+            },
+            epoch_start: Slot(40),
+            sessions: SessionTable::default(),
+            time_ms: 1_700_000_000_000,
+            app_digest: xxhash_rust::xxh3::xxh3_64(&state),
+            app_state: Bytes::from(state),
+        }
+    }
+
+    #[test]
+    fn shared_decoding_reads_the_same_image_without_copying_the_state() {
+        let img = image((0..100_000u32).map(|i| (i % 251) as u8).collect());
+        let encoded = Bytes::from(img.encode());
+        let copied = SnapshotImage::decode(&encoded).unwrap();
+        let shared = SnapshotImage::decode_shared(&encoded).unwrap();
+        assert_eq!(copied, img);
+        assert_eq!(shared, img);
+        // The state is a part of the encoded buffer.
+        let inside = encoded.as_slice().as_ptr_range();
+        assert!(inside.contains(&shared.app_state.as_slice().as_ptr()));
+        assert!(!inside.contains(&copied.app_state.as_slice().as_ptr()));
+    }
+
+    #[test]
+    fn shared_decoding_refuses_what_decoding_refuses() {
+        let encoded = image(vec![7; 1000]).encode();
+        // A flipped byte in the state fails the digest; a cut image fails to decode.
+        let mut flipped = encoded.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let cut = encoded[..encoded.len() - 10].to_vec();
+        for bad in [flipped, cut] {
+            let plain = SnapshotImage::decode(&bad).unwrap_err();
+            let shared = SnapshotImage::decode_shared(&Bytes::from(bad)).unwrap_err();
+            assert_eq!(plain, shared);
+        }
+    }
 }

@@ -483,7 +483,7 @@ impl Replica {
     ) -> Result<Replica, RecoverError> {
         let mut r = Replica::new(cfg, initial, now);
         if let Some(bytes) = state.snapshot {
-            let img = SnapshotImage::decode(&bytes)?;
+            let img = SnapshotImage::decode_shared(&bytes)?;
             r.check_image(&img).map_err(RecoverError::BadImage)?;
             let file = SnapshotFile {
                 slot: img.slot,
@@ -2456,7 +2456,7 @@ impl Replica {
             if xxhash_rust::xxh3::xxh3_64(&bytes) != si.digest {
                 return;
             }
-            if let Ok(img) = SnapshotImage::decode(&bytes)
+            if let Ok(img) = SnapshotImage::decode_shared(&bytes)
                 && img.slot == si.slot
                 && self.check_image(&img).is_ok()
             {
