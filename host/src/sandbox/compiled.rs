@@ -1,8 +1,10 @@
 //! Compiled modules kept on disk, so that a host restarting with its virtual
 //! peers (or deploying an app it ran before) does not compile them again.
 //!
-//! One file per module and engine: `<dir>/<module sha256>-<engine tag>.cwasm`,
-//! where the engine tag is a digest of everything Wasmtime says a compiled
+//! One file per module and engine: `<dir>/<sha256>-<engine tag>.cwasm`, the
+//! SHA-256 being of the module as the sandbox rewrote it (what is compiled:
+//! a vp-host that rewrites modules differently looks for other files), and
+//! the engine tag is a digest of everything Wasmtime says a compiled
 //! module depends on (its version, the engine's configuration, the CPU
 //! features compiled for: `Engine::precompile_compatibility_hash`); opening
 //! the cache deletes other engines' files and leftover temporary ones. A file

@@ -454,10 +454,17 @@ impl Sandbox {
             return Ok(module.clone());
         }
         let rewritten = module::rewrite(bytes)?;
+        // Machine code is named by what is compiled, the module as rewritten
+        // here: a vp-host that rewrites differently never loads another's.
+        let compiled_as = self
+            .compiled_cache
+            .as_ref()
+            .map(|_| ModuleHash::of(&rewritten.bytes));
         let cached = self
             .compiled_cache
             .as_ref()
-            .and_then(|c| c.get(&self.engine, &hash));
+            .zip(compiled_as.as_ref())
+            .and_then(|(c, h)| c.get(&self.engine, h));
         let module = match cached {
             Some(module) => {
                 self.counters.from_disk.fetch_add(1, Ordering::Relaxed);
@@ -546,8 +553,10 @@ impl Sandbox {
         }
         loaded.abi_version = version;
         // Only a module that passed every check is kept on disk.
-        if let Some(cache) = self.compiled_cache.as_ref().filter(|c| !c.contains(&hash)) {
-            cache.put(&hash, loaded.pre.module());
+        if let (Some(cache), Some(h)) = (&self.compiled_cache, &compiled_as)
+            && !cache.contains(h)
+        {
+            cache.put(h, loaded.pre.module());
         }
         let loaded = Arc::new(loaded);
         if self.modules.len() >= MODULES_MAX {
