@@ -123,8 +123,15 @@ impl SnapshotImage {
             return Err(ImageError::Digest);
         }
         // The borrowed state lies within `bytes`: its place there is the
-        // distance between the two starts.
-        let start = r.app_state.as_ptr() as usize - bytes.as_slice().as_ptr() as usize;
+        // distance between the two starts (checked all the same; a copy if not).
+        let len = r.app_state.len();
+        let app_state = (r.app_state.as_ptr() as usize)
+            .checked_sub(bytes.as_slice().as_ptr() as usize)
+            .filter(|start| start + len <= bytes.len())
+            .map_or_else(
+                || Bytes::from(r.app_state),
+                |start| bytes.slice(start..start + len),
+            );
         Ok(SnapshotImage {
             slot: r.slot,
             membership: r.membership,
@@ -132,7 +139,7 @@ impl SnapshotImage {
             sessions: r.sessions,
             time_ms: r.time_ms,
             app_digest: r.app_digest,
-            app_state: bytes.slice(start..start + r.app_state.len()),
+            app_state,
         })
     }
 }
@@ -214,6 +221,13 @@ mod tests {
         let inside = encoded.as_slice().as_ptr_range();
         assert!(inside.contains(&shared.app_state.as_slice().as_ptr()));
         assert!(!inside.contains(&copied.app_state.as_slice().as_ptr()));
+    }
+
+    #[test]
+    fn shared_decoding_of_an_empty_state() {
+        let img = image(Vec::new());
+        let encoded = Bytes::from(img.encode());
+        assert_eq!(SnapshotImage::decode_shared(&encoded).unwrap(), img);
     }
 
     #[test]
