@@ -5,7 +5,8 @@ use std::sync::Arc;
 use serde_json::{Value as Json, json};
 use vp_guest_sdk::abi::{self, Address, Effect, Envelope, Input, VpId, WireResult};
 use vp_host::sandbox::{
-    Guest, GuestError, GuestLimits, LoadError, LoadedModule, Sandbox, Snapshot, SnapshotError,
+    COMPILED_BYTES_MAX, Guest, GuestError, GuestLimits, LoadError, LoadedModule, Sandbox, Snapshot,
+    SnapshotError,
 };
 
 const CLIENT: Address = Address::Client(42);
@@ -570,13 +571,13 @@ fn counter_works(sandbox: &Sandbox) {
 #[test]
 fn a_module_compiled_once_is_read_back_from_disk() {
     let dir = Scratch::new("cache-reuse");
-    let first = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    let first = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
     counter_works(&first);
     assert_eq!(counts(&first), (1, 0));
     assert_eq!(cwasm_files(dir.path()).len(), 1);
 
     // Another sandbox (a restarted host) does not compile it again.
-    let second = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    let second = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
     counter_works(&second);
     assert_eq!(counts(&second), (0, 1));
     // A sandbox without the cache compiles.
@@ -588,7 +589,7 @@ fn a_module_compiled_once_is_read_back_from_disk() {
 #[test]
 fn a_damaged_compiled_module_is_compiled_again_never_run() {
     let dir = Scratch::new("cache-damaged");
-    counter_works(&Sandbox::with_compiled_cache(dir.path()).unwrap());
+    counter_works(&Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap());
     let file = cwasm_files(dir.path()).pop().unwrap();
     let intact = std::fs::read(&file).unwrap();
 
@@ -604,12 +605,12 @@ fn a_damaged_compiled_module_is_compiled_again_never_run() {
     ];
     for bytes in damaged {
         std::fs::write(&file, &bytes).unwrap();
-        let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+        let sandbox = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
         counter_works(&sandbox);
         assert_eq!(counts(&sandbox), (1, 0), "a damaged file is not loaded");
         // Compiled again and written back whole.
         assert_eq!(std::fs::read(&file).unwrap().len(), intact.len());
-        let next = Sandbox::with_compiled_cache(dir.path()).unwrap();
+        let next = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
         counter_works(&next);
         assert_eq!(counts(&next), (0, 1));
     }
@@ -618,7 +619,7 @@ fn a_damaged_compiled_module_is_compiled_again_never_run() {
 #[test]
 fn a_module_that_fails_its_checks_is_not_kept() {
     let dir = Scratch::new("cache-refused");
-    let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    let sandbox = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
     let wasm = wat::parse_str(
         r#"(module (import "wasi" "fd_write" (func)) (memory (export "memory") 1))"#,
     )
@@ -633,7 +634,7 @@ fn a_module_that_fails_its_checks_is_not_kept() {
 #[test]
 fn other_engines_files_and_leftovers_are_cleared_when_the_cache_opens() {
     let dir = Scratch::new("cache-stale");
-    counter_works(&Sandbox::with_compiled_cache(dir.path()).unwrap());
+    counter_works(&Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap());
     let ours = cwasm_files(dir.path()).pop().unwrap();
     let hash = ours.file_name().unwrap().to_string_lossy()[..64].to_string();
     let older = dir.path().join(format!("{hash}-0123456789abcdef.cwasm"));
@@ -642,7 +643,7 @@ fn other_engines_files_and_leftovers_are_cleared_when_the_cache_opens() {
     for f in [&older, &leftover, &unrelated] {
         std::fs::write(f, b"x").unwrap();
     }
-    let sandbox = Sandbox::with_compiled_cache(dir.path()).unwrap();
+    let sandbox = Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
     assert!(ours.exists());
     assert!(!older.exists());
     assert!(!leftover.exists());
@@ -652,4 +653,59 @@ fn other_engines_files_and_leftovers_are_cleared_when_the_cache_opens() {
     );
     counter_works(&sandbox);
     assert_eq!(counts(&sandbox), (0, 1));
+}
+
+#[test]
+fn the_cache_keeps_to_its_bound_dropping_the_least_recently_used() {
+    use std::time::{Duration, SystemTime};
+    let dir = Scratch::new("cache-bound");
+    let apps = [vp_apps::COUNTER, vp_apps::KV, vp_apps::CHAT];
+    // Each app's file, found as the one its load adds.
+    Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap();
+    let mut files = Vec::new();
+    for app in apps {
+        let before = cwasm_files(dir.path());
+        load(
+            &Sandbox::with_compiled_cache(dir.path(), COMPILED_BYTES_MAX).unwrap(),
+            app,
+        );
+        let added: Vec<_> = cwasm_files(dir.path())
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        assert_eq!(added.len(), 1);
+        files.push(added[0].clone());
+    }
+    let len = |f: &std::path::PathBuf| std::fs::metadata(f).unwrap().len();
+    let total: u64 = files.iter().map(len).sum();
+    // Last used: the counter most recently, then the chat, then the kv.
+    let base = SystemTime::now() - Duration::from_secs(3600);
+    for (file, minutes) in files.iter().zip([30, 10, 20]) {
+        std::fs::File::options()
+            .append(true)
+            .open(file)
+            .unwrap()
+            .set_modified(base + Duration::from_secs(60 * minutes))
+            .unwrap();
+    }
+
+    // A bound one byte short of all three: opening drops the kv's file only.
+    let sandbox = Sandbox::with_compiled_cache(dir.path(), total - 1).unwrap();
+    let present = || files.iter().map(|f| f.exists()).collect::<Vec<_>>();
+    assert_eq!(present(), [true, false, true]);
+    // Reading the chat's back marks it used now; compiling the kv again then
+    // takes the cache over its bound, and the counter is now the least
+    // recently used.
+    load(&sandbox, vp_apps::CHAT);
+    load(&sandbox, vp_apps::KV);
+    assert_eq!(counts(&sandbox), (1, 1));
+    assert_eq!(present(), [false, true, true]);
+    let kept: u64 = files.iter().filter(|f| f.exists()).map(len).sum();
+    assert!(kept < total);
+
+    // A bound below one file keeps nothing, and loading still works.
+    let tiny = Sandbox::with_compiled_cache(dir.path(), 1).unwrap();
+    assert!(cwasm_files(dir.path()).is_empty());
+    counter_works(&tiny);
+    assert!(cwasm_files(dir.path()).is_empty());
 }

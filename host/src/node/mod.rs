@@ -161,6 +161,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let seed = rand::random();
     let sandbox = std::sync::Arc::new(crate::sandbox::Sandbox::with_compiled_cache(
         &cfg.data_dir.join("modules").join("compiled"),
+        crate::sandbox::COMPILED_BYTES_MAX,
     )?);
     let modules = crate::vp::modules::ModuleStore::open(&cfg.data_dir)?;
     let (member_tx, mut member_rx) = mpsc::channel(4096);

@@ -24,7 +24,7 @@ use crate::vp::member::{
     MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource, start_member,
     vp_dir,
 };
-use crate::vp::modules::ModuleStore;
+use crate::vp::modules::{MODULE_UNUSED_KEEP, MODULES_COLLECT_EVERY, ModuleStore, modules_in_use};
 use crate::vp::wire::{Deploy, MODULE_CHUNK_BYTES, Reply, Request, VpWire};
 use crate::vp::{VpConfig, VpStatus, new_session_id};
 
@@ -251,6 +251,8 @@ pub struct VpNode {
     /// Names of spawns from this host still under way.
     naming: HashSet<String>,
     next_op: u64,
+    /// When unused modules were last deleted (`collect_modules`).
+    modules_collected: Option<Instant>,
 }
 
 impl VpNode {
@@ -262,6 +264,7 @@ impl VpNode {
         VpNode {
             sandbox,
             modules,
+            modules_collected: None,
             directory: Directory::default(),
             members: Members::default(),
             member_tx,
@@ -1024,6 +1027,14 @@ impl Node {
             self.try_request(key);
         }
         self.sample_tick(now);
+        if self
+            .vps
+            .modules_collected
+            .is_none_or(|t| now.duration_since(t) >= MODULES_COLLECT_EVERY)
+        {
+            self.vps.modules_collected = Some(now);
+            self.collect_modules();
+        }
         self.vps.leader_waiters.retain(|_, w| {
             w.retain(|tx| !tx.is_closed());
             !w.is_empty()
@@ -1104,6 +1115,30 @@ impl Node {
             reply,
         };
         self.vps.samples.insert(op, sample);
+    }
+
+    /// Delete the stored modules no member here runs that were not stored or
+    /// used for `MODULE_UNUSED_KEEP` (vp/modules.rs). On this task, so that
+    /// no deployment starts between the check and the deletion. A member file
+    /// that cannot be read stops it: its module might be the one in use.
+    fn collect_modules(&mut self) {
+        let mut in_use: HashSet<ModuleHash> =
+            self.vps.members.values().map(|m| m.config.module).collect();
+        match modules_in_use(&self.cfg.data_dir) {
+            Ok(on_disk) => in_use.extend(on_disk),
+            Err(e) => {
+                tracing::warn!("unused modules not deleted: {e:#}");
+                return;
+            }
+        }
+        match self.vps.modules.collect(&in_use, MODULE_UNUSED_KEEP) {
+            Ok(deleted) if !deleted.is_empty() => {
+                let names: Vec<String> = deleted.iter().map(ModuleHash::short).collect();
+                tracing::info!(modules = ?names, "deleted modules no member here runs");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("unused modules not deleted: {e:#}"),
+        }
     }
 
     fn sample_tick(&mut self, now: Instant) {
@@ -1235,6 +1270,7 @@ impl Node {
         }
         let hash = deploy.config.module;
         if self.vps.modules.get(&hash).is_some() {
+            self.vps.modules.touch(&hash);
             self.deploy_with_module(deploy, reply_to);
             return;
         }

@@ -17,9 +17,14 @@
 //! another version or configuration. Writes go to a temporary file renamed
 //! into place and are not synced: a cache file lost in a crash is compiled
 //! again, and one half-written is caught by its checksum.
+//!
+//! The cache is bounded ([`COMPILED_BYTES_MAX`] by default): after a write
+//! takes it past its bound, the files used least recently (by modification
+//! time, which a read refreshes) are deleted until it is back under it.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Module};
@@ -27,6 +32,9 @@ use wasmtime::{Engine, Module};
 use super::ModuleHash;
 
 const MAGIC: &[u8; 8] = b"vpcwasm1";
+/// Bytes of compiled modules a host keeps on disk by default (a compiled
+/// example app is 1-3 MB: hundreds of apps).
+pub const COMPILED_BYTES_MAX: u64 = 512 << 20;
 const HEADER_BYTES: usize = MAGIC.len() + 32;
 
 /// The on-disk cache of one sandbox's engine.
@@ -34,6 +42,7 @@ const HEADER_BYTES: usize = MAGIC.len() + 32;
 pub(super) struct CompiledCache {
     dir: PathBuf,
     engine_tag: String,
+    bytes_max: u64,
 }
 
 /// Feeds what `Hash` writes into SHA-256 (stable across runs and builds,
@@ -52,8 +61,13 @@ impl Hasher for ShaHasher {
 }
 
 impl CompiledCache {
-    /// The cache in `dir` (created if missing) for `engine`.
-    pub(super) fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompiledCache> {
+    /// The cache in `dir` (created if missing) for `engine`, holding at most
+    /// `bytes_max` bytes of files.
+    pub(super) fn open(
+        dir: &Path,
+        engine: &Engine,
+        bytes_max: u64,
+    ) -> std::io::Result<CompiledCache> {
         std::fs::create_dir_all(dir)?;
         let mut hasher = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -71,10 +85,51 @@ impl CompiledCache {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(CompiledCache {
+        let cache = CompiledCache {
             dir: dir.to_path_buf(),
             engine_tag,
-        })
+            bytes_max,
+        };
+        // The bound may be lower than the last run's.
+        cache.evict();
+        Ok(cache)
+    }
+
+    /// Delete the least recently used files until the cache holds at most
+    /// `bytes_max` bytes.
+    fn evict(&self) {
+        let ours = format!("-{}.cwasm", self.engine_tag);
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(&ours))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                Some((used, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+        if total <= self.bytes_max {
+            return;
+        }
+        files.sort();
+        for (_, len, path) in files {
+            if total <= self.bytes_max {
+                break;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    total -= len;
+                    tracing::debug!(path = %path.display(), bytes = len, "compiled module evicted");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot evict a compiled module: {e}")
+                }
+            }
+        }
     }
 
     fn path(&self, hash: &ModuleHash) -> PathBuf {
@@ -100,7 +155,17 @@ impl CompiledCache {
         // matches what `put` wrote from `Module::serialize`, in this host's
         // own data directory. Wasmtime checks the version and configuration.
         match unsafe { Module::deserialize(engine, &bytes[HEADER_BYTES..]) } {
-            Ok(module) => Some(module),
+            Ok(module) => {
+                // Used now: the last to be evicted.
+                let touched = std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(SystemTime::now()));
+                if let Err(e) = touched {
+                    tracing::debug!(path = %path.display(), "cannot mark a compiled module used: {e}");
+                }
+                Some(module)
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), "compiled module file not usable ({e:#}); compiling again");
                 let _ = std::fs::remove_file(&path);
@@ -136,8 +201,11 @@ impl CompiledCache {
                         let _ = std::fs::remove_file(&tmp);
                     })
             });
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), "cannot keep the compiled module: {e}");
+        match result {
+            Ok(()) => self.evict(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot keep the compiled module: {e}")
+            }
         }
     }
 }

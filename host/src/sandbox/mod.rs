@@ -19,6 +19,7 @@
 //! they stay identical. See docs/abi.md.
 
 mod compiled;
+pub use compiled::COMPILED_BYTES_MAX;
 pub mod module;
 pub mod snapshot;
 
@@ -346,15 +347,21 @@ impl Sandbox {
 
     /// A sandbox that keeps the machine code of the modules it compiles in
     /// `dir` and reads it back instead of compiling again (a host restarting
-    /// with its virtual peers; see `compiled.rs` for what is checked).
-    pub fn with_compiled_cache(dir: &std::path::Path) -> Result<Sandbox, LoadError> {
+    /// with its virtual peers; see `compiled.rs` for what is checked), at
+    /// most `bytes_max` bytes of it ([`COMPILED_BYTES_MAX`] for a host): the
+    /// least recently used files go first.
+    pub fn with_compiled_cache(
+        dir: &std::path::Path,
+        bytes_max: u64,
+    ) -> Result<Sandbox, LoadError> {
         let mut sandbox = Sandbox::new()?;
-        let cache = compiled::CompiledCache::open(dir, &sandbox.engine).map_err(|e| {
-            LoadError::Engine(format!(
-                "cannot create the compiled-module cache {}: {e}",
-                dir.display()
-            ))
-        })?;
+        let cache =
+            compiled::CompiledCache::open(dir, &sandbox.engine, bytes_max).map_err(|e| {
+                LoadError::Engine(format!(
+                    "cannot create the compiled-module cache {}: {e}",
+                    dir.display()
+                ))
+            })?;
         sandbox.compiled_cache = Some(cache);
         Ok(sandbox)
     }

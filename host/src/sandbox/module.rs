@@ -43,6 +43,24 @@ impl fmt::Display for ModuleHash {
     }
 }
 
+impl std::str::FromStr for ModuleHash {
+    type Err = String;
+
+    /// 64 hex digits (what `Display` writes).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.as_bytes();
+        if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(format!("a module hash is 64 hex digits, not `{s}`"));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in digits.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| "not hex".to_string())?;
+            out[i] = u8::from_str_radix(text, 16).map_err(|_| format!("`{text}` is not hex"))?;
+        }
+        Ok(ModuleHash(out))
+    }
+}
+
 impl fmt::Debug for ModuleHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ModuleHash({})", self.short())
