@@ -8,9 +8,10 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use common::{Cluster, wait_for};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
+use vp_host::sandbox::ModuleHash;
 
 /// The tests start many processes; running them one at a time keeps a 2-core
 /// machine responsive enough that the timings stay realistic.
@@ -559,6 +560,25 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
     for &m in &members {
         c.hosts[m].kill();
     }
+    // While the first member is down, its module store gets two modules no
+    // member runs, one stored two hours ago and one just now, and the
+    // counter's module (which its member runs) is made two hours old too.
+    let modules = c.hosts[members[0]].data_dir.join("modules");
+    let plant = |bytes: &[u8]| {
+        let path = modules.join(format!("{}.wasm", ModuleHash::of(bytes)));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let (unused_old, unused_new) = (plant(b"unused, old"), plant(b"unused, new"));
+    let counter = modules.join(format!("{}.wasm", ModuleHash::of(vp_apps::COUNTER)));
+    for path in [&unused_old, &counter] {
+        std::fs::File::options()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+    }
     for &m in &members {
         c.restart(m).await;
     }
@@ -567,6 +587,24 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
         c.ask(via, &vp, json!("get")).await,
         json!(sum),
         "state survived every member's crash"
+    );
+    // The restarted host deleted the old module nobody runs, and only it.
+    let collected = wait_for(Duration::from_secs(10), || {
+        (!unused_old.exists()).then_some(())
+    })
+    .await;
+    assert!(
+        collected.is_some(),
+        "{} is still there",
+        unused_old.display()
+    );
+    assert!(
+        counter.exists(),
+        "the module a member runs is kept, however old"
+    );
+    assert!(
+        unused_new.exists(),
+        "a module stored within the hour is kept"
     );
     assert_eq!(c.ask(via, &vp, json!({"add": 1})).await, json!(sum + 1));
     let s = c.wait_voters(via, &vp, 3, &[]).await;
