@@ -255,6 +255,19 @@ pub(crate) fn read_line_bounded(
     Ok(Some(len))
 }
 
+/// Set `path`'s modification time to now (the caches and the module store
+/// keep their files' last use there). Failing is logged and costs only an
+/// earlier eviction.
+pub fn mark_used(path: &std::path::Path) {
+    let touched = std::fs::File::options()
+        .append(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!(path = %path.display(), "cannot mark a file used: {e}");
+    }
+}
+
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {

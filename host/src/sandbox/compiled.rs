@@ -157,13 +157,7 @@ impl CompiledCache {
         match unsafe { Module::deserialize(engine, &bytes[HEADER_BYTES..]) } {
             Ok(module) => {
                 // Used now: the last to be evicted.
-                let touched = std::fs::File::options()
-                    .append(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(SystemTime::now()));
-                if let Err(e) = touched {
-                    tracing::debug!(path = %path.display(), "cannot mark a compiled module used: {e}");
-                }
+                crate::exec::mark_used(&path);
                 Some(module)
             }
             Err(e) => {

@@ -75,14 +75,7 @@ impl ModuleStore {
     /// Mark a stored module used now (a deployment starts a member with it):
     /// `collect` keeps it for another `MODULE_UNUSED_KEEP`.
     pub fn touch(&self, hash: &ModuleHash) {
-        let path = self.path(hash);
-        let touched = std::fs::File::options()
-            .append(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
-        if let Err(e) = touched {
-            tracing::debug!(path = %path.display(), "cannot mark a module used: {e}");
-        }
+        crate::exec::mark_used(&self.path(hash));
     }
 
     /// Delete the modules not in `in_use` that were last stored or used more
