@@ -725,3 +725,43 @@ async fn the_demo_replaces_a_member_and_loses_nothing() {
         "the demo removes its directory unless --keep"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_keeps_to_each_hosts_memberships_max() {
+    let _serial = SERIAL.lock().await;
+    // A limit out of range is refused before the host starts.
+    let out = common::run(&["join", "--memberships-max", "5000"], "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("5000") && err.contains("memberships-max"),
+        "{err}"
+    );
+
+    // Three hosts lend room for one member each; the fourth runs no app.
+    let one: &[&str] = &["--memberships-max", "1"];
+    let c = Cluster::start_with("vp-room", &[one, one, one, &["--memberships-max", "0"]]).await;
+    // Deployed through the host without room: it places, it does not host.
+    let vp = c.spawn(3, vp_apps::COUNTER, "").await.unwrap();
+    let s = c.wait_voters(3, &vp, 3, &[]).await;
+    let mut voters = s.voters.clone();
+    voters.sort();
+    let mut lenders: Vec<String> = c.hosts[..3].iter().map(|h| h.host_id.clone()).collect();
+    lenders.sort();
+    assert_eq!(voters, lenders, "the host with no room is not a member");
+    assert_eq!(c.ask(3, &vp, json!({"add": 2})).await, json!(2));
+
+    // Every host that lends room is full now: another app finds none, and says why.
+    let e = c.spawn(0, vp_apps::COUNTER, "").await.unwrap_err();
+    assert!(format!("{e:#}").contains("room"), "{e:#}");
+    for (i, max, members) in [(0, 1, 1), (3, 0, 0)] {
+        let st = c.hosts[i].status().await.unwrap();
+        assert_eq!(st.memberships_max, max);
+        assert_eq!(st.virtual_peers.len(), members);
+    }
+    assert_eq!(
+        c.ask(0, &vp, json!("get")).await,
+        json!(2),
+        "the first app runs on"
+    );
+}

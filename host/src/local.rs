@@ -227,23 +227,40 @@ pub struct LocalCluster {
     pub exe: PathBuf,
     pub hosts: Vec<LocalHost>,
     pub log_filter: String,
+    /// Each host's own `join` arguments (kept for its restarts).
+    pub args: Vec<Vec<String>>,
 }
 
 impl LocalCluster {
     /// Start `n` hosts of `exe` under `dir` and wait until each has joined the overlay.
     pub async fn start(exe: &Path, dir: &Path, n: usize, log_filter: &str) -> Result<LocalCluster> {
-        let first = LocalHost::start(exe, dir, "h0", None, &[], log_filter).await?;
+        LocalCluster::start_with(exe, dir, &vec![Vec::new(); n], log_filter).await
+    }
+
+    /// `start`, one host per entry of `args`, each with those extra `join`
+    /// arguments (e.g. `--memberships-max 1`).
+    pub async fn start_with(
+        exe: &Path,
+        dir: &Path,
+        args: &[Vec<String>],
+        log_filter: &str,
+    ) -> Result<LocalCluster> {
+        let extra = |i: usize| args[i].iter().map(String::as_str).collect::<Vec<_>>();
+        let first = LocalHost::start(exe, dir, "h0", None, &extra(0), log_filter).await?;
         let bootstrap = first.listen.clone();
         let mut hosts = vec![first];
-        for i in 1..n {
+        for i in 1..args.len() {
             let name = format!("h{i}");
-            hosts.push(LocalHost::start(exe, dir, &name, Some(&bootstrap), &[], log_filter).await?);
+            hosts.push(
+                LocalHost::start(exe, dir, &name, Some(&bootstrap), &extra(i), log_filter).await?,
+            );
         }
         let cluster = LocalCluster {
             dir: dir.to_path_buf(),
             exe: exe.to_path_buf(),
             hosts,
             log_filter: log_filter.to_string(),
+            args: args.to_vec(),
         };
         for h in &cluster.hosts {
             poll(HOST_START_TIMEOUT, Duration::from_millis(50), || async {
@@ -281,12 +298,14 @@ impl LocalCluster {
             .unwrap_or_default()
             .to_string();
         self.hosts[i].kill();
+        let mut extra = vec!["--listen", &listen];
+        extra.extend(self.args.get(i).into_iter().flatten().map(String::as_str));
         self.hosts[i] = LocalHost::start(
             &self.exe,
             &self.dir,
             &name,
             Some(&bootstrap),
-            &["--listen", &listen],
+            &extra,
             &self.log_filter,
         )
         .await?;

@@ -130,6 +130,17 @@ struct JoinArgs {
     /// Private network: only hosts with the same key can connect (TCP only; see docs/host.md).
     #[arg(long, value_name = "FILE")]
     network_key: Option<PathBuf>,
+    /// Virtual peers this host runs a member of, at most: what the machine
+    /// lends to apps. Placement skips a host that is full. 0: none (the host
+    /// routes overlay traffic and serves its API, and runs no app).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = vp_host::node::vps::MEMBERSHIPS_MAX,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(0..=vp_host::node::vps::MEMBERSHIPS_MAX as u64),
+    )]
+    memberships_max: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -498,6 +509,7 @@ fn run_join(args: JoinArgs, data_dir: PathBuf, api: Option<std::net::SocketAddr>
         psk,
         alm: vp_alm::Config::default(),
         net: vp_host::net::NetConfig::default(),
+        memberships_max: args.memberships_max,
     };
     // The node runs as a task on the worker threads, not on this thread: a
     // request then goes from the API's task to the node's and back without
@@ -581,7 +593,11 @@ fn run_status(
             println!("            level 0: {} <- -> {}", show(left), show(right));
         }
     }
-    println!("vps       member of {}", status.virtual_peers.len());
+    println!(
+        "vps       member of {} (at most {})",
+        status.virtual_peers.len(),
+        status.memberships_max
+    );
     for vp in &status.virtual_peers {
         let name = vp
             .name

@@ -114,6 +114,25 @@ impl Cluster {
         Cluster { inner }
     }
 
+    /// `start`, one host per entry of `args`, each with those extra `join` arguments.
+    pub async fn start_with(name: &str, args: &[&[&str]]) -> Cluster {
+        let dir = scratch_dir(name);
+        let exe = Path::new(env!("CARGO_BIN_EXE_vp-host"));
+        let args: Vec<Vec<String>> = args
+            .iter()
+            .map(|a| a.iter().map(|s| s.to_string()).collect())
+            .collect();
+        let inner = vp_host::local::LocalCluster::start_with(
+            exe,
+            &dir,
+            &args,
+            vp_host::local::DEFAULT_LOG_FILTER,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        Cluster { inner }
+    }
+
     /// Restart host `i` with its data directory, through a live host.
     pub async fn restart(&mut self, i: usize) {
         self.inner

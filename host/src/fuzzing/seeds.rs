@@ -390,6 +390,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
             VpWire::Load {
                 op: 4,
                 memberships: 2,
+                room: true,
             },
         ),
         ("status-query", VpWire::StatusQuery { vp, op: 5 }),

@@ -93,6 +93,8 @@ pub struct HostStatus {
     pub overlay: OverlayStatus,
     /// Virtual peers this host is a member of.
     pub virtual_peers: Vec<VpStatus>,
+    /// The most it takes (`vp-host join --memberships-max`).
+    pub memberships_max: usize,
 }
 
 /// The host's part of the skip graph.

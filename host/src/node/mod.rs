@@ -62,6 +62,10 @@ pub struct NodeConfig {
     pub psk: Option<PreSharedKey>,
     pub alm: vp_alm::Config,
     pub net: NetConfig,
+    /// Virtual peers this host runs a member of, at most (`vp-host join
+    /// --memberships-max`; at most `vps::MEMBERSHIPS_MAX`). 0: none, the host
+    /// only routes overlay traffic and serves its API.
+    pub memberships_max: usize,
 }
 
 /// Caller time for the cores: microseconds since the Unix epoch, never going
@@ -530,6 +534,7 @@ impl Node {
                 let data_dir = self.cfg.data_dir.display().to_string();
                 let host_id = format!("{:016x}", self.me.host.0);
                 let member_status = self.member_statuses();
+                let memberships_max = self.memberships_max();
                 tokio::spawn(async move {
                     let mut virtual_peers = Vec::new();
                     for rx in member_status {
@@ -549,6 +554,7 @@ impl Node {
                             private_network: s.private_network,
                             overlay,
                             virtual_peers,
+                            memberships_max,
                         });
                     }
                 });

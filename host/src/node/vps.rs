@@ -123,7 +123,8 @@ struct Sample {
     exclude: HashSet<HostId>,
     searches: usize,
     candidates: HashMap<HostId, PeerContact>,
-    loads: HashMap<HostId, u32>,
+    /// Each answer: the host's memberships, None if it has no room for another.
+    loads: HashMap<HostId, Option<u32>>,
     started: Instant,
     /// When the load queries went out.
     asked: Option<Instant>,
@@ -572,19 +573,29 @@ impl Node {
             }
             VpWire::LoadQuery { op } => {
                 let memberships = self.vps.members.len() as u32;
+                let room = self.has_room();
                 self.send_vp(
                     &PeerContact {
                         peer: from,
                         addrs: Vec::new(),
                     },
-                    VpWire::Load { op, memberships },
+                    VpWire::Load {
+                        op,
+                        memberships,
+                        room,
+                    },
                 );
             }
-            VpWire::Load { op, memberships } => {
+            VpWire::Load {
+                op,
+                memberships,
+                room,
+            } => {
                 if let Some(sample) = self.vps.samples.get_mut(&op) {
-                    sample
-                        .loads
-                        .insert(consensus_host(host_id_of(&from)), memberships);
+                    sample.loads.insert(
+                        consensus_host(host_id_of(&from)),
+                        room.then_some(memberships),
+                    );
                     // Decide as soon as the answers allow, not at the next tick.
                     self.sample_tick(Instant::now());
                 }
@@ -1117,6 +1128,16 @@ impl Node {
         self.vps.samples.insert(op, sample);
     }
 
+    /// The most virtual peers this host runs a member of.
+    pub(super) fn memberships_max(&self) -> usize {
+        self.cfg.memberships_max.min(MEMBERSHIPS_MAX)
+    }
+
+    /// Whether this host takes a member of one more virtual peer.
+    fn has_room(&self) -> bool {
+        self.vps.members.len() < self.memberships_max()
+    }
+
     /// Delete the stored modules no member here runs that were not stored or
     /// used for `MODULE_UNUSED_KEEP` (vp/modules.rs). On this task, so that
     /// no deployment starts between the check and the deletion. A member file
@@ -1143,7 +1164,7 @@ impl Node {
 
     fn sample_tick(&mut self, now: Instant) {
         let me = consensus_host(self.me.host);
-        let my_load = self.vps.members.len() as u32;
+        let my_load = self.has_room().then_some(self.vps.members.len() as u32);
         let ops: Vec<u64> = self.vps.samples.keys().copied().collect();
         for op in ops {
             let sample = self.vps.samples.get_mut(&op).expect("present");
@@ -1170,20 +1191,27 @@ impl Node {
                 continue;
             };
             let all_answered = sample.loads.len() >= sample.candidates.len();
-            let enough_answered = sample.loads.len() >= sample.want
+            let with_room = sample.loads.values().filter(|l| l.is_some()).count();
+            let enough_answered = with_room >= sample.want
                 && now.saturating_duration_since(asked) >= SAMPLE_ENOUGH_WAIT;
             if all_answered || enough_answered || now >= sample.deadline {
                 let sample = self.vps.samples.remove(&op).expect("present");
-                // Only hosts that answered are alive enough to host a member.
+                // Only hosts that answered are alive enough to host a member,
+                // and only those with room take one.
                 let mut found: Vec<Candidate> = sample
                     .candidates
                     .into_iter()
                     .filter_map(|(host, contact)| {
-                        sample.loads.get(&host).map(|&memberships| Candidate {
-                            host,
-                            contact,
-                            memberships,
-                        })
+                        sample
+                            .loads
+                            .get(&host)
+                            .copied()
+                            .flatten()
+                            .map(|memberships| Candidate {
+                                host,
+                                contact,
+                                memberships,
+                            })
                     })
                     .collect();
                 found.sort_by_key(|c| (c.memberships, rand::random::<u32>()));
@@ -1255,12 +1283,14 @@ impl Node {
             self.ack_deploy(&deploy, &reply_to, Err(why));
             return;
         }
-        if self.vps.members.len() >= MEMBERSHIPS_MAX {
+        if !self.has_room() {
             self.ack_deploy(
                 &deploy,
                 &reply_to,
                 Err(format!(
-                    "this host is already in {MEMBERSHIPS_MAX} virtual peers"
+                    "this host runs members of {} virtual peers, its limit (--memberships-max {})",
+                    self.vps.members.len(),
+                    self.memberships_max()
                 )),
             );
             return;
@@ -1954,7 +1984,8 @@ pub async fn spawn_vp(
     }
     if chosen.len() < config.members {
         return Err(format!(
-            "found only {} live hosts through the overlay; {} members need {} hosts",
+            "found only {} live hosts with room for a member through the overlay (a host \
+             takes at most its `--memberships-max`); {} members need {} hosts",
             chosen.len(),
             config.members,
             config.members

@@ -111,6 +111,8 @@ pub enum VpWire {
     Load {
         op: u64,
         memberships: u32,
+        /// Whether it takes another member (`vp-host join --memberships-max`).
+        room: bool,
     },
     /// The status of `vp`, asked of its leader by a host that is not a member.
     StatusQuery {
