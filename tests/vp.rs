@@ -727,40 +727,74 @@ async fn the_demo_replaces_a_member_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn placement_keeps_to_each_hosts_memberships_max() {
+async fn placement_keeps_to_what_each_host_lends() {
     let _serial = SERIAL.lock().await;
-    // A limit out of range is refused before the host starts.
-    let out = common::run(&["join", "--memberships-max", "5000"], "");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("5000") && err.contains("memberships-max"),
-        "{err}"
-    );
+    // Limits out of range or unreadable are refused before the host starts.
+    for args in [
+        &["join", "--memberships-max", "5000"][..],
+        &["join", "--guest-memory-max", "lots"][..],
+    ] {
+        let out = common::run(args, "");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(args[2]) && err.contains(args[1]), "{err}");
+    }
 
-    // Three hosts lend room for one member each; the fourth runs no app.
-    let one: &[&str] = &["--memberships-max", "1"];
-    let c = Cluster::start_with("vp-room", &[one, one, one, &["--memberships-max", "0"]]).await;
-    // Deployed through the host without room: it places, it does not host.
-    let vp = c.spawn(3, vp_apps::COUNTER, "").await.unwrap();
-    let s = c.wait_voters(3, &vp, 3, &[]).await;
-    let mut voters = s.voters.clone();
-    voters.sort();
+    // Three hosts lend room for two members and 300 MiB of guest memory
+    // each; the fourth runs no app.
+    let lender: &[&str] = &["--memberships-max", "2", "--guest-memory-max", "300M"];
+    let c = Cluster::start_with(
+        "vp-room",
+        &[lender, lender, lender, &["--memberships-max", "0"]],
+    )
+    .await;
     let mut lenders: Vec<String> = c.hosts[..3].iter().map(|h| h.host_id.clone()).collect();
     lenders.sort();
-    assert_eq!(voters, lenders, "the host with no room is not a member");
-    assert_eq!(c.ask(3, &vp, json!({"add": 2})).await, json!(2));
+    let members = |s: &vp_host::vp::VpStatus| {
+        let mut v = s.voters.clone();
+        v.sort();
+        v
+    };
+    const MIB: u64 = 1 << 20;
+    // Deployed through the host without room: it places, it does not host.
+    let a = c.spawn(3, vp_apps::COUNTER, "").await.unwrap(); // 256 MiB
+    assert_eq!(members(&c.wait_voters(3, &a, 3, &[]).await), lenders);
+    assert_eq!(c.ask(3, &a, json!({"add": 2})).await, json!(2));
 
-    // Every host that lends room is full now: another app finds none, and says why.
-    let e = c.spawn(0, vp_apps::COUNTER, "").await.unwrap_err();
+    // 64 MiB more fits nowhere (44 left on each lender), and the spawn says why.
+    let e = c
+        .spawn(0, vp_apps::COUNTER, &format!("&memory_max={}", 64 * MIB))
+        .await
+        .unwrap_err();
     assert!(format!("{e:#}").contains("room"), "{e:#}");
-    for (i, max, members) in [(0, 1, 1), (3, 0, 0)] {
-        let st = c.hosts[i].status().await.unwrap();
-        assert_eq!(st.memberships_max, max);
-        assert_eq!(st.virtual_peers.len(), members);
-    }
+    // 32 MiB does.
+    let b = c
+        .spawn(0, vp_apps::COUNTER, &format!("&memory_max={}", 32 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(members(&c.wait_voters(0, &b, 3, &[]).await), lenders);
+    // Now every lender runs two members: 1 MiB more finds no room either.
+    let e = c
+        .spawn(0, vp_apps::COUNTER, &format!("&memory_max={}", MIB))
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("room"), "{e:#}");
+
+    let lent = c.hosts[0].status().await.unwrap();
     assert_eq!(
-        c.ask(0, &vp, json!("get")).await,
+        (lent.memberships_max, lent.virtual_peers.len()),
+        (2, 2),
+        "a lender"
+    );
+    assert_eq!(
+        (lent.guest_memory_committed, lent.guest_memory_max),
+        (288 * MIB, 300 * MIB)
+    );
+    let relay = c.hosts[3].status().await.unwrap();
+    assert_eq!((relay.memberships_max, relay.virtual_peers.len()), (0, 0));
+    assert_eq!(relay.guest_memory_committed, 0);
+    assert_eq!(
+        c.ask(0, &a, json!("get")).await,
         json!(2),
         "the first app runs on"
     );

@@ -141,6 +141,12 @@ struct JoinArgs {
             .range(0..=vp_host::node::vps::MEMBERSHIPS_MAX as u64),
     )]
     memberships_max: usize,
+    /// Guest memory this host lends, at most: a member counts for the most
+    /// its guest may grow to (the app's `--memory-max`), and placement skips
+    /// a host where a new one would not fit (suffixes K, M, G). Default: the
+    /// machine's memory (MemTotal).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    guest_memory_max: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -349,6 +355,19 @@ enum BenchCommand {
 }
 
 /// Parse `65536`, `64K`, `256M`, `1G` (also `KiB`/`MiB`/`GiB`, powers of 1024).
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo); no limit
+/// where it cannot be read.
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(u64::MAX)
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -510,6 +529,7 @@ fn run_join(args: JoinArgs, data_dir: PathBuf, api: Option<std::net::SocketAddr>
         alm: vp_alm::Config::default(),
         net: vp_host::net::NetConfig::default(),
         memberships_max: args.memberships_max,
+        guest_memory_max: args.guest_memory_max.unwrap_or_else(machine_memory),
     };
     // The node runs as a task on the worker threads, not on this thread: a
     // request then goes from the API's task to the node's and back without
@@ -594,9 +614,15 @@ fn run_status(
         }
     }
     println!(
-        "vps       member of {} (at most {})",
+        "vps       member of {} (at most {}); guest memory {} MiB of {} committed",
         status.virtual_peers.len(),
-        status.memberships_max
+        status.memberships_max,
+        status.guest_memory_committed >> 20,
+        if status.guest_memory_max == u64::MAX {
+            "no limit".to_string()
+        } else {
+            format!("{} MiB", status.guest_memory_max >> 20)
+        }
     );
     for vp in &status.virtual_peers {
         let name = vp

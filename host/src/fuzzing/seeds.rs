@@ -384,7 +384,13 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
             },
         ),
         ("module-missing", VpWire::ModuleMissing { hash }),
-        ("load-query", VpWire::LoadQuery { op: 4 }),
+        (
+            "load-query",
+            VpWire::LoadQuery {
+                op: 4,
+                memory_bytes: 256 << 20,
+            },
+        ),
         (
             "load",
             VpWire::Load {

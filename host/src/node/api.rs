@@ -95,6 +95,10 @@ pub struct HostStatus {
     pub virtual_peers: Vec<VpStatus>,
     /// The most it takes (`vp-host join --memberships-max`).
     pub memberships_max: usize,
+    /// The sum of its members' guest memory limits (`spawn --memory-max`).
+    pub guest_memory_committed: u64,
+    /// The most that sum may reach (`vp-host join --guest-memory-max`).
+    pub guest_memory_max: u64,
 }
 
 /// The host's part of the skip graph.

@@ -66,6 +66,10 @@ pub struct NodeConfig {
     /// --memberships-max`; at most `vps::MEMBERSHIPS_MAX`). 0: none, the host
     /// only routes overlay traffic and serves its API.
     pub memberships_max: usize,
+    /// Bytes of guest memory this host lends, at most: the sum of its
+    /// members' `--memory-max` (what each guest may grow to), including a
+    /// new member's (`vp-host join --guest-memory-max`).
+    pub guest_memory_max: u64,
 }
 
 /// Caller time for the cores: microseconds since the Unix epoch, never going
@@ -535,6 +539,7 @@ impl Node {
                 let host_id = format!("{:016x}", self.me.host.0);
                 let member_status = self.member_statuses();
                 let memberships_max = self.memberships_max();
+                let guest_memory = (self.guest_memory_committed(), self.cfg.guest_memory_max);
                 tokio::spawn(async move {
                     let mut virtual_peers = Vec::new();
                     for rx in member_status {
@@ -555,6 +560,8 @@ impl Node {
                             overlay,
                             virtual_peers,
                             memberships_max,
+                            guest_memory_committed: guest_memory.0,
+                            guest_memory_max: guest_memory.1,
                         });
                     }
                 });

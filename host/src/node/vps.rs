@@ -120,6 +120,7 @@ pub struct Candidate {
 
 struct Sample {
     want: usize,
+    memory_bytes: u64,
     exclude: HashSet<HostId>,
     searches: usize,
     candidates: HashMap<HostId, PeerContact>,
@@ -301,6 +302,8 @@ pub enum NodeCall {
     Sample {
         want: usize,
         exclude: Vec<HostId>,
+        /// The guest memory the member needs room for (`VpConfig::limits`).
+        memory_bytes: u64,
         reply: oneshot::Sender<Vec<Candidate>>,
     },
     /// Deploy a virtual peer on `to`.
@@ -571,9 +574,9 @@ impl Node {
                     }
                 }
             }
-            VpWire::LoadQuery { op } => {
+            VpWire::LoadQuery { op, memory_bytes } => {
                 let memberships = self.vps.members.len() as u32;
-                let room = self.has_room();
+                let room = self.has_room(memory_bytes);
                 self.send_vp(
                     &PeerContact {
                         peer: from,
@@ -1088,6 +1091,7 @@ impl Node {
         &mut self,
         want: usize,
         exclude: Vec<HostId>,
+        memory_bytes: u64,
         reply: oneshot::Sender<Vec<Candidate>>,
     ) {
         let op = self.vps.op();
@@ -1116,6 +1120,7 @@ impl Node {
         }
         let sample = Sample {
             want,
+            memory_bytes,
             exclude: exclude.into_iter().collect(),
             searches,
             candidates,
@@ -1133,9 +1138,39 @@ impl Node {
         self.cfg.memberships_max.min(MEMBERSHIPS_MAX)
     }
 
-    /// Whether this host takes a member of one more virtual peer.
-    fn has_room(&self) -> bool {
-        self.vps.members.len() < self.memberships_max()
+    /// The guest memory this host's members may grow to, together.
+    pub(super) fn guest_memory_committed(&self) -> u64 {
+        self.vps
+            .members
+            .values()
+            .map(|m| m.config.limits.memory_bytes_max)
+            .sum()
+    }
+
+    /// Whether this host takes a member of one more virtual peer, whose
+    /// guest may grow to `memory_bytes`; if not, why.
+    fn room_for(&self, memory_bytes: u64) -> Result<(), String> {
+        if self.vps.members.len() >= self.memberships_max() {
+            return Err(format!(
+                "this host runs members of {} virtual peers, its limit (--memberships-max {})",
+                self.vps.members.len(),
+                self.memberships_max()
+            ));
+        }
+        let committed = self.guest_memory_committed();
+        if committed.saturating_add(memory_bytes) > self.cfg.guest_memory_max {
+            return Err(format!(
+                "this host lends {} bytes of guest memory (--guest-memory-max) and has \
+                 committed {committed} to its members; a guest of up to {memory_bytes} more \
+                 does not fit",
+                self.cfg.guest_memory_max
+            ));
+        }
+        Ok(())
+    }
+
+    fn has_room(&self, memory_bytes: u64) -> bool {
+        self.room_for(memory_bytes).is_ok()
     }
 
     /// Delete the stored modules no member here runs that were not stored or
@@ -1164,9 +1199,12 @@ impl Node {
 
     fn sample_tick(&mut self, now: Instant) {
         let me = consensus_host(self.me.host);
-        let my_load = self.has_room().then_some(self.vps.members.len() as u32);
         let ops: Vec<u64> = self.vps.samples.keys().copied().collect();
         for op in ops {
+            let memory_bytes = self.vps.samples.get(&op).expect("present").memory_bytes;
+            let my_load = self
+                .has_room(memory_bytes)
+                .then_some(self.vps.members.len() as u32);
             let sample = self.vps.samples.get_mut(&op).expect("present");
             let waited = now.saturating_duration_since(sample.started);
             let searching_done = sample.searches == 0
@@ -1182,7 +1220,7 @@ impl Node {
                     .map(|(_, c)| c.clone())
                     .collect();
                 for contact in targets {
-                    self.send_vp(&contact, VpWire::LoadQuery { op });
+                    self.send_vp(&contact, VpWire::LoadQuery { op, memory_bytes });
                 }
                 continue;
             }
@@ -1283,16 +1321,8 @@ impl Node {
             self.ack_deploy(&deploy, &reply_to, Err(why));
             return;
         }
-        if !self.has_room() {
-            self.ack_deploy(
-                &deploy,
-                &reply_to,
-                Err(format!(
-                    "this host runs members of {} virtual peers, its limit (--memberships-max {})",
-                    self.vps.members.len(),
-                    self.memberships_max()
-                )),
-            );
+        if let Err(why) = self.room_for(deploy.config.limits.memory_bytes_max) {
+            self.ack_deploy(&deploy, &reply_to, Err(why));
             return;
         }
         for (host, contact) in &deploy.members {
@@ -1450,7 +1480,7 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         let mut exclude = members.clone();
         exclude.push(dead);
-        self.start_sample(1, exclude, tx);
+        self.start_sample(1, exclude, config.limits.memory_bytes_max, tx);
         let calls = self.calls.clone();
         let vp = config.vp;
         let module_from = self.me.contact.clone();
@@ -1504,8 +1534,9 @@ impl Node {
             NodeCall::Sample {
                 want,
                 exclude,
+                memory_bytes,
                 reply,
-            } => self.start_sample(want, exclude, reply),
+            } => self.start_sample(want, exclude, memory_bytes, reply),
             NodeCall::Deploy { to, deploy, reply } => self.send_deploy(to, *deploy, reply),
             NodeCall::Named { name, vp, recorded } => {
                 self.vps.naming.remove(&name);
@@ -1967,6 +1998,7 @@ pub async fn spawn_vp(
         call(NodeCall::Sample {
             want: config.members,
             exclude: Vec::new(),
+            memory_bytes: config.limits.memory_bytes_max,
             reply: tx,
         })
         .await?;

@@ -104,14 +104,17 @@ pub enum VpWire {
     ModuleMissing {
         hash: ModuleHash,
     },
-    /// How loaded are you? (placement)
+    /// How loaded are you, and do you take a member whose guest may grow to
+    /// `memory_bytes`? (placement)
     LoadQuery {
         op: u64,
+        memory_bytes: u64,
     },
     Load {
         op: u64,
         memberships: u32,
-        /// Whether it takes another member (`vp-host join --memberships-max`).
+        /// Whether it takes that member (`vp-host join --memberships-max`,
+        /// `--guest-memory-max`).
         room: bool,
     },
     /// The status of `vp`, asked of its leader by a host that is not a member.
