@@ -45,6 +45,15 @@ pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Virtual peers one host may be a member of.
 pub const MEMBERSHIPS_MAX: usize = 1024;
 
+/// A byte count for people: whole MiB as such, anything else in bytes.
+fn size_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// The HTTP answer to a `send`: the guest's reply as JSON, or its error; a
 /// request that could not be delivered is 503 (retry later).
 fn send_answer(
@@ -1160,10 +1169,11 @@ impl Node {
         let committed = self.guest_memory_committed();
         if committed.saturating_add(memory_bytes) > self.cfg.guest_memory_max {
             return Err(format!(
-                "this host lends {} bytes of guest memory (--guest-memory-max) and has \
-                 committed {committed} to its members; a guest of up to {memory_bytes} more \
-                 does not fit",
-                self.cfg.guest_memory_max
+                "this host lends {} of guest memory (--guest-memory-max) and has committed {} \
+                 to its members; a guest of up to {} more does not fit",
+                size_text(self.cfg.guest_memory_max),
+                size_text(committed),
+                size_text(memory_bytes)
             ));
         }
         Ok(())
