@@ -47,7 +47,7 @@ pub const MEMBERSHIPS_MAX: usize = 1024;
 
 /// A byte count for people: whole MiB as such, anything else in bytes.
 fn size_text(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
