@@ -799,3 +799,99 @@ async fn placement_keeps_to_what_each_host_lends() {
         "the first app runs on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_removes_every_member_even_one_that_was_down() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start("vp-destroy", 4).await;
+    // No replacement while a member is down: it must come back to a
+    // virtual peer that no longer exists.
+    let vp = c
+        .spawn(0, vp_apps::COUNTER, "&name=doomed&replace_after_ms=600000")
+        .await
+        .unwrap();
+    assert_eq!(c.ask(0, &vp, json!({"add": 7})).await, json!(7));
+    let s = c.wait_voters(0, &vp, 3, &[]).await;
+    let mut members = Vec::new();
+    for v in &s.voters {
+        members.push(c.index_of(v).await.unwrap());
+    }
+    let leader = s.leader.clone().expect("a leader");
+    let away = *members
+        .iter()
+        .find(|&&m| m != 0 && c.hosts[m].host_id != leader)
+        .expect("a follower other than host 0");
+    c.hosts[away].kill();
+    let data_dir = c.hosts[0].data_dir.to_str().unwrap().to_string();
+    let dirs: Vec<std::path::PathBuf> = c.hosts.iter().map(|h| h.data_dir.clone()).collect();
+    let member_dir = |i: usize| dirs[i].join("vps").join(&vp);
+    let tombstone = |i: usize| dirs[i].join("destroyed").join(&vp);
+
+    // Not without confirmation (no terminal here), and nothing happens.
+    let out = common::run(&["--data-dir", &data_dir, "destroy", "doomed"], "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(c.ask(0, &vp, json!({"add": 1})).await, json!(8));
+
+    // Destroyed by name while one member is down (two of three decide it).
+    let out = common::run(&["--data-dir", &data_dir, "destroy", "doomed", "--yes"], "");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains(&vp),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for &m in members.iter().filter(|&&m| m != away) {
+        let gone = wait_for(Duration::from_secs(15), || {
+            (!member_dir(m).exists() && tombstone(m).exists()).then_some(())
+        })
+        .await;
+        assert!(
+            gone.is_some(),
+            "host {m}: member dir {} exists: {}, tombstone exists: {}",
+            member_dir(m).display(),
+            member_dir(m).exists(),
+            tombstone(m).exists()
+        );
+        let st = c.hosts[m].status().await.unwrap();
+        assert!(st.virtual_peers.is_empty(), "host {m} still runs a member");
+    }
+    // Messages and status now say so, through a host that took part. (One
+    // that never talked to it finds no member, as for an id never used.)
+    for via in members.iter().copied().chain([0]).filter(|&i| i != away) {
+        let sent = c.send(via, &vp, json!({"add": 1})).await;
+        let text = format!("{sent:?}");
+        assert!(text.contains("destroyed"), "via host {via}: {text}");
+    }
+    let st = c.vp_status(0, &vp).await;
+    assert!(
+        format!("{st:?}").contains("destroyed"),
+        "status of a destroyed virtual peer: {st:?}"
+    );
+    // Again: it is already gone, and that is not an error.
+    let out = common::run(&["--data-dir", &data_dir, "destroy", &vp, "--yes"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The member that was down comes back from its disk, asks the others,
+    // learns the virtual peer was destroyed, and leaves too.
+    assert!(member_dir(away).exists());
+    c.restart(away).await;
+    let gone = wait_for(Duration::from_secs(30), || {
+        (!member_dir(away).exists() && tombstone(away).exists()).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the returning member is still there: {}",
+        c.hosts[away].log()
+    );
+    // The hosts go on running apps.
+    let next = c.spawn(0, vp_apps::COUNTER, "").await.unwrap();
+    assert_ne!(next, vp);
+    assert_eq!(c.ask(away, &next, json!({"add": 2})).await, json!(2));
+}

@@ -89,6 +89,16 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(1..=300_000))]
         timeout_ms: u64,
     },
+    /// Destroy a virtual peer: decided through its log like a message, then
+    /// every member stops and deletes its state. Asks for confirmation
+    /// (typing the id or name) unless --yes is given.
+    Destroy {
+        /// The virtual peer: id (16 hex digits) or a name known to this host.
+        vp: String,
+        /// Do not ask for confirmation (required when standard input is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Use the skip-graph overlay directly (diagnostics and tests).
     Overlay {
         #[command(subcommand)]
@@ -800,6 +810,46 @@ fn run_send(
     Ok(print_answer(answer))
 }
 
+/// `vp-host destroy <vp>`: confirm (unless `yes`), then ask the local host.
+fn run_destroy(
+    vp: &str,
+    yes: bool,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::api::DestroyAnswer;
+    let client = client(api, data_dir)?;
+    let rt = runtime()?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "not destroying virtual peer {vp} without confirmation: standard input is not a \
+                 terminal; pass --yes"
+            );
+        }
+        eprint!(
+            "This destroys virtual peer {vp}: every member stops and deletes its state; it cannot \
+             be undone.\nType `{vp}` to confirm: "
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if line.trim() != vp {
+            anyhow::bail!("not confirmed; nothing destroyed");
+        }
+    }
+    let path = format!("/v1/vps/{vp}");
+    let answer: DestroyAnswer = rt.block_on(client.delete(&path))?;
+    if answer.already {
+        println!("virtual peer {} was already destroyed", answer.vp);
+    } else {
+        println!(
+            "destroyed virtual peer {}: its members stop and delete its state",
+            answer.vp
+        );
+    }
+    Ok(())
+}
+
 /// `vp-host send <vp> -`: messages from standard input over one send stream,
 /// at most `in_flight` at once, answers printed in input order. A line that
 /// is not JSON, or a message that cannot be delivered, prints
@@ -970,6 +1020,10 @@ fn main() -> ExitCode {
                 Ok(SendOutcome::Failed) => return ExitCode::from(1),
                 Err(e) => Err(e),
             }
+        }
+        Command::Destroy { vp, yes } => {
+            init_logging(cli.log_format, "warn");
+            run_destroy(&vp, yes, cli.api, &data_dir)
         }
         Command::Overlay { which } => {
             init_logging(cli.log_format, "warn");

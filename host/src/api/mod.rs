@@ -259,6 +259,11 @@ impl ApiClient {
         .await
     }
 
+    /// DELETE `path`, decode the JSON answer.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(hyper::Method::DELETE, path, Bytes::new()).await
+    }
+
     /// POST raw bytes to `path` and hand each line of the streamed answer to
     /// `on_line` as it arrives.
     pub async fn post_lines(

@@ -332,6 +332,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
                 ack_below: 1,
                 payload: br#"{"add":1}"#.to_vec(),
                 read: false,
+                destroy: false,
                 reply_to: contact.clone(),
             }),
         ),

@@ -30,6 +30,8 @@ pub enum NodeRequest {
     /// Errors carry their HTTP status: an unknown virtual peer is 404, a
     /// message that cannot be encoded 400, the rest 503 (retry later).
     Send(String, SendRequest, SendWaiter),
+    /// Destroy a virtual peer (`DELETE /v1/vps/{vp}`).
+    Destroy(String, oneshot::Sender<Result<DestroyAnswer, ApiError>>),
     /// Several sends to one virtual peer at once (a send stream's batch).
     SendMany(String, Vec<(SendRequest, SendWaiter)>),
     /// The id (16 hex digits) of the virtual peer with this id or name.
@@ -71,6 +73,15 @@ pub struct SendAnswer {
     pub reply: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+}
+
+/// `DELETE /v1/vps/{vp}`: the virtual peer is destroyed (every member
+/// applied it or will, then leaves and deletes its state).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestroyAnswer {
+    pub vp: String,
+    /// This host knew it was destroyed already.
+    pub already: bool,
 }
 
 /// `GET /v1/vps/{vp}/digest`.
@@ -283,6 +294,13 @@ async fn send(
     ask(&tx, |r| NodeRequest::Send(vp, req, r)).await?.map(Json)
 }
 
+async fn destroy(
+    State(tx): State<Tx>,
+    Path(vp): Path<String>,
+) -> Result<Json<DestroyAnswer>, ApiError> {
+    ask(&tx, |r| NodeRequest::Destroy(vp, r)).await?.map(Json)
+}
+
 async fn vp_list(State(tx): State<Tx>) -> Result<Json<Vec<VpStatus>>, ApiError> {
     Ok(Json(ask(&tx, NodeRequest::VpList).await?))
 }
@@ -317,7 +335,7 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/overlay/keys", post(insert_key))
         .route("/v1/overlay/keys/remove", post(remove_key))
         .route("/v1/vps", get(vp_list).post(spawn))
-        .route("/v1/vps/{vp}", get(vp_status))
+        .route("/v1/vps/{vp}", get(vp_status).delete(destroy))
         .route("/v1/vps/{vp}/send", post(send))
         .route("/v1/vps/{vp}/stream", get(super::stream::route))
         .route("/v1/vps/{vp}/digest", get(vp_digest))

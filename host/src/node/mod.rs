@@ -172,10 +172,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         crate::sandbox::COMPILED_BYTES_MAX,
     )?);
     let modules = crate::vp::modules::ModuleStore::open(&cfg.data_dir)?;
+    let tombstones = crate::vp::tombstones::Tombstones::open(&cfg.data_dir)?;
     let (member_tx, mut member_rx) = mpsc::channel(4096);
     let (calls, mut call_rx) = mpsc::channel(1024);
     let mut node = Node {
-        vps: vps::VpNode::new(sandbox, modules, member_tx),
+        vps: vps::VpNode::new(sandbox, modules, tombstones, member_tx),
         calls,
         alm: AlmHost::new(me.host, me.contact.clone(), cfg.alm.clone(), seed),
         me,
@@ -568,6 +569,7 @@ impl Node {
             }
             NodeRequest::Spawn(..)
             | NodeRequest::Send(..)
+            | NodeRequest::Destroy(..)
             | NodeRequest::SendMany(..)
             | NodeRequest::Resolve(..)
             | NodeRequest::VpList(..)

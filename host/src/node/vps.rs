@@ -21,10 +21,11 @@ use super::{Node, Wire};
 use crate::sandbox::{ModuleHash, Sandbox};
 use crate::vp::directory::Directory;
 use crate::vp::member::{
-    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource, start_member,
-    vp_dir,
+    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource,
+    destroyed_text, start_member, vp_dir,
 };
 use crate::vp::modules::{MODULE_UNUSED_KEEP, MODULES_COLLECT_EVERY, ModuleStore, modules_in_use};
+use crate::vp::tombstones::{TOMBSTONE_KEEP, TOMBSTONES_MAX, Tombstones};
 use crate::vp::wire::{Deploy, MODULE_CHUNK_BYTES, Reply, Request, VpWire};
 use crate::vp::{VpConfig, VpStatus, new_session_id};
 
@@ -157,8 +158,17 @@ const MEMBERS_SEEN_PER_VP_MAX: usize = 16;
 const VOTERS_NAMED_MAX: usize = 7;
 /// A locate is repeated no more often than this.
 const LOCATE_RETRY: Duration = Duration::from_millis(40);
+/// Locates at `LOCATE_RETRY` before a request slows down to `LOCATE_RETRY_SLOW`.
+const LOCATE_FAST_ATTEMPTS: u32 = 25;
+const LOCATE_RETRY_SLOW: Duration = Duration::from_millis(250);
 /// How long a closed peer's leader hints are ignored, unless it reconnects.
 const GONE_FORGET: Duration = Duration::from_secs(5);
+/// How long a member of a destroyed virtual peer stays after applying the
+/// destroy: answering with the error, and (the leader) carrying the decision
+/// to the other members before it goes.
+const DESTROY_LINGER: Duration = Duration::from_secs(1);
+/// The most destroyed virtual peers a host remembers hearing of.
+const DESTROYED_SEEN_MAX: usize = 4096;
 /// A placement gives up after this long.
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -235,10 +245,22 @@ pub fn deliver_paxos(
     }
 }
 
+/// A status asked of a virtual peer's leader: for which, who waits, until when.
+type StatusQuery = (VpId, oneshot::Sender<Result<VpStatus, String>>, Instant);
+
 /// Everything the node keeps about virtual peers.
 pub struct VpNode {
     pub sandbox: Arc<Sandbox>,
     pub modules: ModuleStore,
+    /// Virtual peers destroyed while this host was a member of them.
+    tombstones: Tombstones,
+    /// Virtual peers other hosts said were destroyed (`VpWire::Destroyed`),
+    /// at most `DESTROYED_SEEN_MAX`: asked about again, this host answers
+    /// at once instead of locating members that are gone.
+    destroyed_seen: HashSet<VpId>,
+    /// Members of destroyed virtual peers, removed at the instant given
+    /// (`DESTROY_LINGER` after the destroy was applied).
+    destroying: HashMap<VpId, Instant>,
     pub directory: Directory,
     pub members: Members,
     pub member_tx: mpsc::Sender<MemberOutput>,
@@ -255,7 +277,7 @@ pub struct VpNode {
     resolving: HashMap<OpId, HostId>,
     deploys: HashMap<u64, (oneshot::Sender<Result<(), String>>, Instant)>,
     fetches: HashMap<ModuleHash, Fetch>,
-    status_queries: HashMap<u64, (oneshot::Sender<Result<VpStatus, String>>, Instant)>,
+    status_queries: HashMap<u64, StatusQuery>,
     leader_waiters: HashMap<VpId, Vec<oneshot::Sender<HostId>>>,
     /// Names of virtual peers spawned from this host.
     names: HashMap<String, VpId>,
@@ -270,11 +292,15 @@ impl VpNode {
     pub fn new(
         sandbox: Arc<Sandbox>,
         modules: ModuleStore,
+        tombstones: Tombstones,
         member_tx: mpsc::Sender<MemberOutput>,
     ) -> VpNode {
         VpNode {
             sandbox,
             modules,
+            tombstones,
+            destroyed_seen: HashSet::new(),
+            destroying: HashMap::new(),
             modules_collected: None,
             directory: Directory::default(),
             members: Members::default(),
@@ -301,6 +327,11 @@ impl VpNode {
     fn op(&mut self) -> u64 {
         self.next_op += 1;
         self.next_op
+    }
+
+    /// Whether `vp` is known here to be destroyed.
+    fn destroyed(&self, vp: VpId) -> bool {
+        self.tombstones.contains(vp) || self.destroyed_seen.contains(&vp)
     }
 }
 
@@ -388,6 +419,14 @@ impl Node {
             let Ok(vp) = name.parse::<VpId>() else {
                 continue;
             };
+            if self.vps.tombstones.contains(vp) {
+                // Destroyed; the host stopped before it deleted the member.
+                tracing::info!(%vp, "deleting the member of a destroyed virtual peer");
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(%vp, "cannot remove {}: {e}", entry.path().display());
+                }
+                continue;
+            }
             let file = match std::fs::read(entry.path().join("member.json"))
                 .map_err(anyhow::Error::from)
                 .and_then(|b| Ok(serde_json::from_slice::<MemberFile>(&b)?))
@@ -429,6 +468,17 @@ impl Node {
     pub(super) fn on_paxos(&mut self, from: libp2p::PeerId, vp: VpId, msg: vp_consensus::Message) {
         match self.vps.members.senders().get(&vp) {
             Some(member) => deliver_paxos(&self.vps.directory, member.value(), vp, from, msg),
+            None if self.vps.tombstones.contains(vp) => {
+                // A member that was away when the virtual peer was destroyed.
+                tracing::debug!(%vp, %from, "consensus message for a destroyed virtual peer");
+                self.send_vp(
+                    &PeerContact {
+                        peer: from,
+                        addrs: Vec::new(),
+                    },
+                    VpWire::Destroyed { vp },
+                );
+            }
             None => {
                 tracing::trace!(%vp, %from, "consensus message for a virtual peer this host is not in")
             }
@@ -444,6 +494,9 @@ impl Node {
             } => match self.vps.members.get(&vp) {
                 Some(m) => {
                     m.send(MemberEvent::Locate { nonce, reply_to });
+                }
+                None if self.vps.tombstones.contains(vp) => {
+                    self.send_vp(&reply_to, VpWire::Destroyed { vp });
                 }
                 None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
             },
@@ -485,6 +538,9 @@ impl Node {
             VpWire::Request(req) => match self.vps.members.get(&req.vp) {
                 Some(m) => {
                     m.send(MemberEvent::Request(req));
+                }
+                None if self.vps.tombstones.contains(req.vp) => {
+                    self.send_vp(&req.reply_to, VpWire::Destroyed { vp: req.vp });
                 }
                 None => {
                     let msg = VpWire::Redirect {
@@ -543,6 +599,17 @@ impl Node {
                 }
             }
             VpWire::Undeploy { vp } => self.undeploy(vp),
+            VpWire::Destroyed { vp } => {
+                let host = consensus_host(host_id_of(&from));
+                if let Some(m) = self.vps.members.get(&vp) {
+                    m.send(MemberEvent::PeerDestroyed(host));
+                }
+                if self.vps.destroyed_seen.len() >= DESTROYED_SEEN_MAX {
+                    self.vps.destroyed_seen.clear();
+                }
+                self.vps.destroyed_seen.insert(vp);
+                self.forget_destroyed(vp);
+            }
             VpWire::FetchModule { hash, offset } => {
                 let msg = match self.vps.modules.get(&hash) {
                     Some(bytes) if (offset as usize) < bytes.len() || bytes.is_empty() => {
@@ -615,9 +682,12 @@ impl Node {
             VpWire::StatusQuery { vp, op } => {
                 let (tx, rx) = oneshot::channel();
                 if let Some(tx) = self.local_vp_status(vp, tx) {
-                    let _ = tx.send(Err(format!(
-                        "this host is no longer a member of virtual peer {vp}"
-                    )));
+                    let why = if self.vps.tombstones.contains(vp) {
+                        destroyed_text(vp)
+                    } else {
+                        format!("this host is no longer a member of virtual peer {vp}")
+                    };
+                    let _ = tx.send(Err(why));
                 }
                 let net = self.net.clone();
                 tokio::spawn(async move {
@@ -629,7 +699,7 @@ impl Node {
                 });
             }
             VpWire::StatusReply { op, status } => {
-                if let Some((reply, _)) = self.vps.status_queries.remove(&op) {
+                if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
                     let _ = reply.send(status.map(|s| *s));
                 }
             }
@@ -727,8 +797,64 @@ impl Node {
                     tokio::task::spawn_blocking(move || handle.stop());
                 }
             }
+            MemberOutput::Destroyed { vp } => {
+                // The tombstone first: a host stopped after it deletes the
+                // member at start instead of restarting it.
+                if let Err(e) = self.vps.tombstones.add(vp) {
+                    tracing::error!(%vp, "cannot record that the virtual peer was destroyed: {e:#}");
+                }
+                self.vps
+                    .destroying
+                    .insert(vp, Instant::now() + DESTROY_LINGER);
+                self.forget_destroyed(vp);
+            }
             MemberOutput::Resolve(host) => self.resolve(now, host),
         }
+    }
+
+    /// `vp` was destroyed: answer what waits here for it (a destroy with
+    /// success, anything else with the error), and forget its leader,
+    /// members and name.
+    fn forget_destroyed(&mut self, vp: VpId) {
+        let keys: Vec<_> = self
+            .vps
+            .outstanding
+            .keys()
+            .filter(|k| k.0 == vp)
+            .copied()
+            .collect();
+        for key in keys {
+            let Some(o) = self.vps.outstanding.remove(&key) else {
+                continue;
+            };
+            let client = !matches!(o.waiter, Waiter::Member(_));
+            let result = if o.req.destroy {
+                Ok(Ok(Vec::new().into()))
+            } else {
+                Err(destroyed_text(vp))
+            };
+            o.waiter.answer(&self.vps.members, key.2, result);
+            if client {
+                self.return_session(key.1, key.2);
+            }
+        }
+        // `members_seen` stays: asked again, they answer `Destroyed` too.
+        self.vps.leaders.remove(&vp);
+        self.vps.locating.remove(&vp);
+        self.vps.leader_waiters.remove(&vp);
+        let queries: Vec<u64> = self
+            .vps
+            .status_queries
+            .iter()
+            .filter(|(_, (v, _, _))| *v == vp)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in queries {
+            if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
+                let _ = reply.send(Err(destroyed_text(vp)));
+            }
+        }
+        self.vps.names.retain(|_, v| *v != vp);
     }
 
     /// Look up `host`'s contact in the overlay (its host key); the answer
@@ -832,11 +958,15 @@ impl Node {
         // and sequence number; a leader ignores a request it already
         // proposed), and a request lost in a leader change should not wait.
         // Without a known leader, ask the members again soon (an election
-        // takes tens of milliseconds).
+        // takes tens of milliseconds), for a second; then less often (a
+        // virtual peer nobody answers for: unknown, destroyed, or all its
+        // members unreachable).
         let backoff = if leader.is_some() {
             Duration::from_millis(100 * u64::from(o.attempts.min(3)))
-        } else {
+        } else if o.attempts <= LOCATE_FAST_ATTEMPTS {
             LOCATE_RETRY
+        } else {
+            LOCATE_RETRY_SLOW
         };
         o.next_try = Instant::now() + backoff;
         let retry = o.attempts > 1;
@@ -1068,9 +1198,32 @@ impl Node {
         }
         self.vps.deploys.retain(|_, (_, deadline)| *deadline > now);
         self.vps.gone.retain(|_, t| t.elapsed() < GONE_FORGET);
-        self.vps
+        let expired: Vec<u64> = self
+            .vps
             .status_queries
-            .retain(|_, (_, deadline)| *deadline > now);
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in expired {
+            if let Some((vp, reply, _)) = self.vps.status_queries.remove(&op) {
+                let _ = reply.send(Err(format!(
+                    "no member of virtual peer {vp} answered (it may not exist, or its \
+                     members are unreachable)"
+                )));
+            }
+        }
+        let due: Vec<VpId> = self
+            .vps
+            .destroying
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(vp, _)| *vp)
+            .collect();
+        for vp in due {
+            self.vps.destroying.remove(&vp);
+            self.undeploy(vp);
+        }
         let expired: Vec<ModuleHash> = self
             .vps
             .fetches
@@ -1188,6 +1341,13 @@ impl Node {
     /// no deployment starts between the check and the deletion. A member file
     /// that cannot be read stops it: its module might be the one in use.
     fn collect_modules(&mut self) {
+        let forgotten = self.vps.tombstones.collect(TOMBSTONE_KEEP, TOMBSTONES_MAX);
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "forgot old tombstones of destroyed virtual peers"
+            );
+        }
         let mut in_use: HashSet<ModuleHash> =
             self.vps.members.values().map(|m| m.config.module).collect();
         match modules_in_use(&self.cfg.data_dir) {
@@ -1325,6 +1485,10 @@ impl Node {
             } else {
                 self.ack_deploy(&deploy, &reply_to, Ok(()));
             }
+            return;
+        }
+        if self.vps.tombstones.contains(vp) {
+            self.ack_deploy(&deploy, &reply_to, Err(destroyed_text(vp)));
             return;
         }
         if let Err(why) = check_config(&deploy.config) {
@@ -1616,10 +1780,14 @@ impl Node {
         let Some(reply) = self.local_vp_status(vp, reply) else {
             return;
         };
+        if self.vps.destroyed(vp) {
+            let _ = reply.send(Err(destroyed_text(vp)));
+            return;
+        }
         let op = self.vps.op();
         self.vps
             .status_queries
-            .insert(op, (reply, Instant::now() + Duration::from_secs(10)));
+            .insert(op, (vp, reply, Instant::now() + Duration::from_secs(10)));
         // A cached leader whose connections closed lately is not asked (it
         // would not answer, and the query would wait its full 10 s).
         let leader = self
@@ -1699,6 +1867,10 @@ impl Node {
                 return;
             }
         };
+        if self.vps.destroyed(vp) {
+            let _ = reply.send(Err(ApiError::not_found(destroyed_text(vp))));
+            return;
+        }
         let payload = match vp_guest_sdk::abi::encode(&req.msg) {
             Ok(p) => p,
             Err(e) => {
@@ -1730,9 +1902,63 @@ impl Node {
             ack_below: seq,
             payload,
             read: req.read,
+            destroy: false,
             reply_to: self.me.contact.clone(),
         };
         self.start_request(request, Waiter::Http(reply), timeout);
+    }
+
+    /// `vp-host destroy`: the destroy goes through the virtual peer's log
+    /// like a message (same session and retries), so every member applies
+    /// it at the same point; answered once the leader applied it.
+    fn start_destroy(
+        &mut self,
+        name: &str,
+        reply: oneshot::Sender<Result<super::api::DestroyAnswer, crate::api::ApiError>>,
+    ) {
+        use super::api::DestroyAnswer;
+        use crate::api::ApiError;
+        let vp = match self.resolve_vp(name) {
+            Ok(vp) => vp,
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::not_found(e)));
+                return;
+            }
+        };
+        if self.vps.destroyed(vp) {
+            let _ = reply.send(Ok(DestroyAnswer {
+                vp: vp.to_string(),
+                already: true,
+            }));
+            return;
+        }
+        let (client, seq) = self.take_session();
+        let request = Request {
+            vp,
+            client,
+            seq,
+            ack_below: seq,
+            payload: Vec::new(),
+            read: false,
+            destroy: true,
+            reply_to: self.me.contact.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.start_request(request, Waiter::Api(tx), SEND_TIMEOUT);
+        tokio::spawn(async move {
+            let answer = match rx.await {
+                Ok(Ok(Ok(_))) => Ok(DestroyAnswer {
+                    vp: vp.to_string(),
+                    already: false,
+                }),
+                Ok(Ok(Err(why))) => Err(ApiError::unavailable(format!("destroy refused: {why}"))),
+                Ok(Err(why)) => Err(ApiError::unavailable(why)),
+                Err(_) => Err(ApiError::unavailable(
+                    "the host dropped the request (shutting down?)",
+                )),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     pub(super) fn on_vp_request(&mut self, request: super::api::NodeRequest) {
@@ -1740,6 +1966,7 @@ impl Node {
         match request {
             NodeRequest::Spawn(params, module, progress) => self.spawn(params, module, progress),
             NodeRequest::Send(name, req, reply) => self.start_send(&name, req, reply),
+            NodeRequest::Destroy(name, reply) => self.start_destroy(&name, reply),
             NodeRequest::SendMany(name, batch) => {
                 for (req, reply) in batch {
                     self.start_send(&name, req, reply);

@@ -150,6 +150,9 @@ pub enum MemberEvent {
     /// between us did): if it led, a new leader is elected as soon as its lease
     /// has surely ended rather than after the election timeout (`Replica::suspect`).
     PeerDown(HostId),
+    /// `host` says this virtual peer was destroyed (it has its tombstone):
+    /// believed from a voter of this member's configuration only.
+    PeerDestroyed(HostId),
     /// The storage thread made everything up to this token durable.
     Persisted(u64),
     /// The storage thread failed (fail-stop).
@@ -176,6 +179,8 @@ pub enum MemberOutput {
     Removed { vp: VpId, voters: Vec<HostId> },
     /// Storage failed: the member stopped (fail-stop).
     Failed { vp: VpId, why: String },
+    /// The virtual peer was destroyed: record it and remove this member.
+    Destroyed { vp: VpId },
     /// A host id whose contact is unknown (look it up in the overlay).
     Resolve(HostId),
 }
@@ -424,6 +429,7 @@ pub fn start_member(
         held: Vec::new(),
         candidate_since: None,
         announced_leader: None,
+        destroyed: false,
         stopped: false,
         last_tick: Time(0),
     };
@@ -793,6 +799,10 @@ struct Member {
     announced_leader: Option<HostId>,
     /// This host has appeared in an applied membership.
     was_member: bool,
+    /// The log's `Destroy` was applied (or a voter said the virtual peer was
+    /// destroyed): later entries and requests are answered with an error,
+    /// and the node removes this member in a moment.
+    destroyed: bool,
     stopped: bool,
     last_tick: Time,
     /// A follower does not campaign before this (see `run`).
@@ -989,6 +999,13 @@ impl Member {
                 self.replica.on_persisted(token);
             }
             MemberEvent::StorageFailed(why) => self.fail(format!("storage failed: {why}")),
+            MemberEvent::PeerDestroyed(host) => {
+                if self.membership.is_voter(host) && host != self.ctx.me && !self.destroyed {
+                    self.on_destroyed("a member says it was destroyed while this host was away");
+                } else {
+                    tracing::debug!(%host, "ignored a destroyed notice from a host that is not a voter");
+                }
+            }
             MemberEvent::Stop => self.stopped = true,
         }
     }
@@ -1042,6 +1059,16 @@ impl Member {
                 "request early in a leadership"
             );
         }
+        if self.destroyed {
+            // A destroy's retry is answered as the first was.
+            let result = if req.destroy {
+                Ok(Vec::new().into())
+            } else {
+                Err(destroyed_text(self.vp()))
+            };
+            self.reply(&req.reply_to, req.client, req.seq, result);
+            return;
+        }
         // A candidate (a leader re-running phase 1 for a new epoch, or a
         // follower running for a lost leader) leads in a moment, or learns
         // who does: hold the request rather than send the client away with
@@ -1054,7 +1081,7 @@ impl Member {
             self.redirect(&req.reply_to, req.client, req.seq);
             return;
         }
-        if req.read {
+        if req.read && !req.destroy {
             match self.replica.read(now, ReadMode::ReadIndex) {
                 Ok(id) => {
                     self.reads.insert(id, req);
@@ -1083,11 +1110,17 @@ impl Member {
             );
             return;
         }
+        let input = if req.destroy {
+            tracing::info!(client = %req.client, "destroy requested; proposing it");
+            LogInput::Destroy
+        } else {
+            LogInput::Request(req.payload)
+        };
         let cmd = Command {
             client: req.client,
             seq: req.seq,
             ack_below: req.ack_below,
-            payload: encode_input(&LogInput::Request(req.payload)),
+            payload: encode_input(&input),
         };
         match self.replica.propose(now, cmd) {
             Ok(()) => {
@@ -1153,6 +1186,26 @@ impl Member {
         }
     }
 
+    /// The virtual peer is destroyed: answer what waits here, and ask the node
+    /// to record it and remove this member (after a moment, so the other
+    /// members hear the decision from this leader first).
+    fn on_destroyed(&mut self, why: &str) {
+        tracing::info!(vp = %self.vp(), "virtual peer destroyed ({why}); this member leaves");
+        self.destroyed = true;
+        self.replacing = None;
+        let text = destroyed_text(self.vp());
+        for req in std::mem::take(&mut self.held) {
+            self.reply(&req.reply_to, req.client, req.seq, Err(text.clone()));
+        }
+        for (_, req) in std::mem::take(&mut self.reads) {
+            self.reply(&req.reply_to, req.client, req.seq, Err(text.clone()));
+        }
+        if self.keyed {
+            self.set_key(false);
+        }
+        self.tell_node(MemberOutput::Destroyed { vp: self.vp() });
+    }
+
     /// Periodic work: leadership changes, outbox resends, member replacement.
     fn duties(&mut self, now: Time) {
         let leading = self.replica.is_leader();
@@ -1170,7 +1223,7 @@ impl Member {
                 self.replacing = None;
             }
         }
-        if !leading || self.guest.is_none() {
+        if !leading || self.guest.is_none() || self.destroyed {
             return;
         }
         // Outbound messages without a logged answer: (re)send.
@@ -1211,6 +1264,7 @@ impl Member {
             ack_below,
             payload: out.payload.clone(),
             read: false,
+            destroy: false,
             reply_to: self.ctx.me_contact.clone(),
         };
         self.outbox_sent.insert(id, now);
@@ -1699,7 +1753,8 @@ impl Member {
 
     /// Inserts our key if this host votes and its copy is known current.
     fn key_if_current(&mut self) {
-        if self.confirmed && !self.keyed && self.membership.is_voter(self.ctx.me) {
+        if self.confirmed && !self.keyed && !self.destroyed && self.membership.is_voter(self.ctx.me)
+        {
             self.set_key(true);
         }
     }
@@ -1754,7 +1809,21 @@ impl Member {
                 return;
             }
         };
+        if self.destroyed {
+            // Entries decided after the destroy: not for the guest.
+            let result = match input {
+                LogInput::Destroy => Ok(Vec::new().into()),
+                _ => Err(destroyed_text(self.vp())),
+            };
+            self.record_and_answer(cmd.client, cmd.seq, result);
+            return;
+        }
         let envelope = match input {
+            LogInput::Destroy => {
+                self.record_and_answer(cmd.client, cmd.seq, Ok(Vec::new().into()));
+                self.on_destroyed("destroy decided");
+                return;
+            }
             LogInput::Request(payload) => Envelope(
                 time_ms,
                 entropy,
@@ -1876,6 +1945,11 @@ impl Member {
 }
 
 /// A host id as the rest of vp shows it: 16 hex digits.
+/// The error a destroyed virtual peer answers with.
+pub fn destroyed_text(vp: VpId) -> String {
+    format!("virtual peer {vp} was destroyed")
+}
+
 pub fn host_text(h: HostId) -> String {
     format!("{:016x}", h.0)
 }

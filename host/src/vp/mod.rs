@@ -12,6 +12,7 @@
 pub mod directory;
 pub mod member;
 pub mod modules;
+pub mod tombstones;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -122,6 +123,10 @@ pub enum LogInput {
     /// The answer to this virtual peer's outbound message `id`.
     #[serde(rename = "rep")]
     OutboundReply(u64, WireResult),
+    /// Destroy the virtual peer: every member answers later entries with an
+    /// error, stops, and deletes its state (`vp-host destroy`).
+    #[serde(rename = "destroy")]
+    Destroy,
 }
 
 /// A message this virtual peer's guest sent and no answer has been logged for

@@ -24,6 +24,11 @@ pub struct Request {
     pub payload: Vec<u8>,
     /// Answer through the read path (no log entry).
     pub read: bool,
+    /// Destroy the virtual peer (`vp-host destroy`; `payload` unused): decided
+    /// through the log like a message, so every member applies it at the
+    /// same point.
+    #[serde(default)]
+    pub destroy: bool,
     /// Where to send the reply.
     pub reply_to: PeerContact,
 }
@@ -88,6 +93,13 @@ pub enum VpWire {
     },
     /// Forget a virtual peer this host was deployed to (a spawn that failed elsewhere).
     Undeploy {
+        vp: VpId,
+    },
+    /// `vp` was destroyed (`vp-host destroy`); this host's member left. The
+    /// answer to a request, locate or consensus message for it: a client's
+    /// host stops retrying, and a member that was down when the virtual peer
+    /// was destroyed leaves too.
+    Destroyed {
         vp: VpId,
     },
     FetchModule {
