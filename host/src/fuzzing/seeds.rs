@@ -374,6 +374,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
             },
         ),
         ("undeploy", VpWire::Undeploy { vp }),
+        ("destroyed", VpWire::Destroyed { vp }),
         ("fetch-module", VpWire::FetchModule { hash, offset: 0 }),
         (
             "module-chunk",
