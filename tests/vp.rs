@@ -579,6 +579,20 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
             .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
             .unwrap();
     }
+    // The second member's copy of the counter's module is corrupted and the
+    // third's deleted: each fetches it from the other members at restart.
+    let module_of = |m: usize| {
+        c.hosts[m]
+            .data_dir
+            .join("modules")
+            .join(format!("{}.wasm", ModuleHash::of(vp_apps::COUNTER)))
+    };
+    let (corrupted, deleted) = (module_of(members[1]), module_of(members[2]));
+    let mut garbage = std::fs::read(&corrupted).unwrap();
+    let middle = garbage.len() / 2;
+    garbage[middle] ^= 0xff;
+    std::fs::write(&corrupted, &garbage).unwrap();
+    std::fs::remove_file(&deleted).unwrap();
     for &m in &members {
         c.restart(m).await;
     }
@@ -588,6 +602,20 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
         json!(sum),
         "state survived every member's crash"
     );
+    for path in [&corrupted, &deleted] {
+        let fetched = wait_for(Duration::from_secs(30), || {
+            std::fs::read(path)
+                .ok()
+                .filter(|b| b.as_slice() == vp_apps::COUNTER)
+                .map(|_| ())
+        })
+        .await;
+        assert!(
+            fetched.is_some(),
+            "{} was not fetched again",
+            path.display()
+        );
+    }
     // The restarted host deleted the old module nobody runs, and only it.
     let collected = wait_for(Duration::from_secs(10), || {
         (!unused_old.exists()).then_some(())

@@ -22,7 +22,7 @@ use crate::sandbox::{ModuleHash, Sandbox};
 use crate::vp::directory::Directory;
 use crate::vp::member::{
     MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource,
-    destroyed_text, start_member, vp_dir,
+    destroyed_text, saved_contacts, start_member, vp_dir,
 };
 use crate::vp::modules::{MODULE_UNUSED_KEEP, MODULES_COLLECT_EVERY, ModuleStore, modules_in_use};
 use crate::vp::tombstones::{TOMBSTONE_KEEP, TOMBSTONES_MAX, Tombstones};
@@ -172,13 +172,36 @@ const DESTROYED_SEEN_MAX: usize = 4096;
 /// A placement gives up after this long.
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
+/// What waits for a module being fetched.
+enum FetchFor {
+    /// A deployment to this host, and whom to answer.
+    Deploy(Box<Deploy>, PeerContact),
+    /// A member found on disk at start whose module is missing from the
+    /// store or corrupt: fetched from the other members it saved contacts of.
+    Restart(VpId),
+}
+
+/// A module being fetched, one chunk at a time, from `from`.
 struct Fetch {
     from: PeerContact,
+    /// Other hosts to ask, in turn, when `from` does not have it, sends
+    /// bytes that do not match the hash, or is silent for `FETCH_QUIET`.
+    others: std::collections::VecDeque<PeerContact>,
     total: u64,
     buf: Vec<u8>,
-    waiting: Vec<(Deploy, PeerContact)>,
+    waiting: Vec<FetchFor>,
+    /// The next chunk is due by then, else the next source is asked (or,
+    /// with none, the same again).
+    quiet_until: Instant,
     deadline: Instant,
 }
+
+/// How long a fetch waits for a chunk before asking again (another source if any).
+const FETCH_QUIET: Duration = Duration::from_secs(3);
+
+/// A member whose module could not be fetched at restart (every other
+/// member down too, say) tries again this long after.
+const RESTART_RETRY: Duration = Duration::from_secs(5);
 
 /// The member threads on this host, by virtual peer. Their queues are also
 /// in a concurrent map the network's reader tasks use to hand consensus
@@ -261,6 +284,9 @@ pub struct VpNode {
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
     destroying: HashMap<VpId, Instant>,
+    /// Members found on disk whose module could not be fetched yet: tried
+    /// again at the instant given (`RESTART_RETRY` apart).
+    restart_retry: HashMap<VpId, Instant>,
     pub directory: Directory,
     pub members: Members,
     pub member_tx: mpsc::Sender<MemberOutput>,
@@ -301,6 +327,7 @@ impl VpNode {
             tombstones,
             destroyed_seen: HashSet::new(),
             destroying: HashMap::new(),
+            restart_retry: HashMap::new(),
             modules_collected: None,
             directory: Directory::default(),
             members: Members::default(),
@@ -427,38 +454,132 @@ impl Node {
                 }
                 continue;
             }
-            let file = match std::fs::read(entry.path().join("member.json"))
-                .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(serde_json::from_slice::<MemberFile>(&b)?))
-            {
-                Ok(file) => file,
-                Err(e) => {
-                    tracing::warn!(%vp, "cannot read this virtual peer's member file ({e:#}); leaving it alone");
-                    continue;
+            self.restart_member(vp);
+        }
+    }
+
+    /// Restart the member of `vp` from its directory. A module missing from
+    /// the store (or corrupt) is fetched from the other members first.
+    fn restart_member(&mut self, vp: VpId) {
+        if self.vps.members.contains_key(&vp) || self.vps.tombstones.contains(vp) {
+            return;
+        }
+        let dir = vp_dir(&self.cfg.data_dir, vp);
+        let file = match MemberFile::read(&dir) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!(%vp, "cannot restart this member ({e:#}); leaving it alone");
+                return;
+            }
+        };
+        let hash = file.config.module;
+        let Some(bytes) = self.vps.modules.get(&hash) else {
+            let sources: Vec<PeerContact> =
+                saved_contacts(&dir).into_iter().map(|(_, c)| c).collect();
+            if sources.is_empty() {
+                tracing::error!(%vp, module = %hash.short(), "module missing from the store, and no other member's contact saved to fetch it from; cannot restart");
+                return;
+            }
+            tracing::warn!(%vp, module = %hash.short(), sources = sources.len(), "module missing from the store; fetching it from the other members");
+            self.fetch_module(
+                hash,
+                file.config.module_bytes,
+                sources,
+                FetchFor::Restart(vp),
+            );
+            return;
+        };
+        let started = Instant::now();
+        let module = match self.vps.sandbox.load(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%vp, "module no longer loads: {e}");
+                return;
+            }
+        };
+        match start_member(self.vp_ctx(), module, vp, None) {
+            Ok(handle) => {
+                tracing::info!(
+                    %vp,
+                    module_load_ms = started.elapsed().as_millis() as u64,
+                    "rejoined virtual peer from disk"
+                );
+                self.vps.members.insert(vp, handle);
+            }
+            Err(e) => tracing::error!(%vp, "cannot restart member: {e:#}"),
+        }
+    }
+
+    /// Fetch module `hash` (`total` bytes) from the first of `sources` (the
+    /// rest in turn if need be) for `waiter`; joins a fetch under way.
+    fn fetch_module(
+        &mut self,
+        hash: ModuleHash,
+        total: u64,
+        sources: Vec<PeerContact>,
+        waiter: FetchFor,
+    ) {
+        if let Some(fetch) = self.vps.fetches.get_mut(&hash) {
+            fetch.waiting.push(waiter);
+            for c in sources {
+                if c.peer != fetch.from.peer && !fetch.others.iter().any(|o| o.peer == c.peer) {
+                    fetch.others.push_back(c);
                 }
-            };
-            let Some(bytes) = self.vps.modules.get(&file.config.module) else {
-                tracing::warn!(%vp, module = %file.config.module, "module missing from the store; cannot restart");
-                continue;
-            };
-            let started = Instant::now();
-            let module = match self.vps.sandbox.load(&bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(%vp, "module no longer loads: {e}");
-                    continue;
+            }
+            return;
+        }
+        let mut others: std::collections::VecDeque<PeerContact> = sources.into();
+        let Some(from) = others.pop_front() else {
+            self.fail_fetch(waiter, "no host to fetch the module from".into());
+            return;
+        };
+        tracing::info!(module = %hash.short(), from = %from.peer, "fetching module");
+        self.send_vp(&from, VpWire::FetchModule { hash, offset: 0 });
+        let now = Instant::now();
+        let fetch = Fetch {
+            from,
+            others,
+            total,
+            buf: Vec::new(),
+            waiting: vec![waiter],
+            quiet_until: now + FETCH_QUIET,
+            deadline: now + DEPLOY_TIMEOUT,
+        };
+        self.vps.fetches.insert(hash, fetch);
+    }
+
+    /// The fetch's source failed (`why`): ask the next one from the start,
+    /// or, with none left, fail what waits.
+    fn next_fetch_source(&mut self, hash: ModuleHash, why: String) {
+        let Some(fetch) = self.vps.fetches.get_mut(&hash) else {
+            return;
+        };
+        match fetch.others.pop_front() {
+            Some(next) => {
+                tracing::info!(module = %hash.short(), failed = %fetch.from.peer, next = %next.peer, "{why}; fetching the module from another host");
+                fetch.from = next;
+                fetch.buf.clear();
+                fetch.quiet_until = Instant::now() + FETCH_QUIET;
+                let from = fetch.from.clone();
+                self.send_vp(&from, VpWire::FetchModule { hash, offset: 0 });
+            }
+            None => {
+                let fetch = self.vps.fetches.remove(&hash).expect("present");
+                for waiter in fetch.waiting {
+                    self.fail_fetch(waiter, why.clone());
                 }
-            };
-            match start_member(self.vp_ctx(), module, vp, None) {
-                Ok(handle) => {
-                    tracing::info!(
-                        %vp,
-                        module_load_ms = started.elapsed().as_millis() as u64,
-                        "rejoined virtual peer from disk"
-                    );
-                    self.vps.members.insert(vp, handle);
-                }
-                Err(e) => tracing::error!(%vp, "cannot restart member: {e:#}"),
+            }
+        }
+    }
+
+    fn fail_fetch(&mut self, waiter: FetchFor, why: String) {
+        match waiter {
+            FetchFor::Deploy(deploy, reply_to) => self.ack_deploy(&deploy, &reply_to, Err(why)),
+            FetchFor::Restart(vp) => {
+                tracing::warn!(%vp, "cannot restart this member yet: its module could not be fetched ({why}); trying again in {} s", RESTART_RETRY.as_secs());
+                self.vps
+                    .restart_retry
+                    .insert(vp, Instant::now() + RESTART_RETRY);
             }
         }
     }
@@ -637,17 +758,16 @@ impl Node {
                 offset,
                 total,
                 bytes,
-            } => self.on_module_chunk(hash, offset, total, bytes),
+            } => self.on_module_chunk(from, hash, offset, total, bytes),
             VpWire::ModuleMissing { hash } => {
-                if let Some(fetch) = self.vps.fetches.remove(&hash) {
-                    for (deploy, reply_to) in fetch.waiting {
-                        let why = format!(
-                            "module {} is not available from {}",
-                            hash.short(),
-                            fetch.from.peer
-                        );
-                        self.ack_deploy(&deploy, &reply_to, Err(why));
-                    }
+                if self
+                    .vps
+                    .fetches
+                    .get(&hash)
+                    .is_some_and(|f| f.from.peer == from)
+                {
+                    let why = format!("module {} is not available from {from}", hash.short());
+                    self.next_fetch_source(hash, why);
                 }
             }
             VpWire::LoadQuery { op, memory_bytes } => {
@@ -1224,6 +1344,17 @@ impl Node {
             self.vps.destroying.remove(&vp);
             self.undeploy(vp);
         }
+        let due: Vec<VpId> = self
+            .vps
+            .restart_retry
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(vp, _)| *vp)
+            .collect();
+        for vp in due {
+            self.vps.restart_retry.remove(&vp);
+            self.restart_member(vp);
+        }
         let expired: Vec<ModuleHash> = self
             .vps
             .fetches
@@ -1233,13 +1364,37 @@ impl Node {
             .collect();
         for hash in expired {
             if let Some(fetch) = self.vps.fetches.remove(&hash) {
-                for (deploy, reply_to) in fetch.waiting {
-                    self.ack_deploy(
-                        &deploy,
-                        &reply_to,
-                        Err("fetching the module timed out".into()),
-                    );
+                for waiter in fetch.waiting {
+                    self.fail_fetch(waiter, "fetching the module timed out".into());
                 }
+            }
+        }
+        // A silent source: the next one, or (the only one) asked again
+        // where the transfer stopped.
+        let quiet: Vec<ModuleHash> = self
+            .vps
+            .fetches
+            .iter()
+            .filter(|(_, f)| f.quiet_until <= now)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in quiet {
+            let Some(fetch) = self.vps.fetches.get_mut(&hash) else {
+                continue;
+            };
+            if fetch.others.is_empty() {
+                fetch.quiet_until = now + FETCH_QUIET;
+                let (from, offset) = (fetch.from.clone(), fetch.buf.len() as u64);
+                self.send_vp(&from, VpWire::FetchModule { hash, offset });
+            } else {
+                let silent = fetch.from.clone();
+                fetch.others.push_back(silent.clone());
+                let why = format!(
+                    "no answer from {} in {} s",
+                    silent.peer,
+                    FETCH_QUIET.as_secs()
+                );
+                self.next_fetch_source(hash, why);
             }
         }
     }
@@ -1508,63 +1663,57 @@ impl Node {
             self.deploy_with_module(deploy, reply_to);
             return;
         }
-        match self.vps.fetches.get_mut(&hash) {
-            Some(fetch) => fetch.waiting.push((deploy, reply_to)),
-            None => {
-                let from = deploy.module_from.clone();
-                tracing::info!(module = %hash.short(), from = %from.peer, "fetching module");
-                self.send_vp(&from, VpWire::FetchModule { hash, offset: 0 });
-                let fetch = Fetch {
-                    from,
-                    total: deploy.config.module_bytes,
-                    buf: Vec::new(),
-                    waiting: vec![(deploy, reply_to)],
-                    deadline: Instant::now() + DEPLOY_TIMEOUT,
-                };
-                self.vps.fetches.insert(hash, fetch);
-            }
-        }
+        let (total, from) = (deploy.config.module_bytes, deploy.module_from.clone());
+        self.fetch_module(
+            hash,
+            total,
+            vec![from],
+            FetchFor::Deploy(Box::new(deploy), reply_to),
+        );
     }
 
-    fn on_module_chunk(&mut self, hash: ModuleHash, offset: u64, total: u64, bytes: Vec<u8>) {
+    fn on_module_chunk(
+        &mut self,
+        from: libp2p::PeerId,
+        hash: ModuleHash,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    ) {
         let Some(fetch) = self.vps.fetches.get_mut(&hash) else {
             return;
         };
-        if offset != fetch.buf.len() as u64
+        if from != fetch.from.peer
+            || offset != fetch.buf.len() as u64
             || total != fetch.total
             || fetch.buf.len() + bytes.len() > total as usize
         {
-            return; // stale or inconsistent; the deadline handles a stuck transfer
+            return; // stale or inconsistent; `FETCH_QUIET` handles a stuck transfer
         }
         fetch.buf.extend_from_slice(&bytes);
+        fetch.quiet_until = Instant::now() + FETCH_QUIET;
         if (fetch.buf.len() as u64) < total {
             let (from, offset) = (fetch.from.clone(), fetch.buf.len() as u64);
             self.send_vp(&from, VpWire::FetchModule { hash, offset });
             return;
         }
-        let fetch = self.vps.fetches.remove(&hash).expect("present");
         if ModuleHash::of(&fetch.buf) != hash {
-            for (deploy, reply_to) in fetch.waiting {
-                self.ack_deploy(
-                    &deploy,
-                    &reply_to,
-                    Err("the module received does not match its hash".into()),
-                );
-            }
+            let why = format!("the module {from} sent does not match its hash");
+            self.next_fetch_source(hash, why);
             return;
         }
+        let fetch = self.vps.fetches.remove(&hash).expect("present");
         if let Err(e) = self.vps.modules.put(&fetch.buf) {
-            for (deploy, reply_to) in fetch.waiting {
-                self.ack_deploy(
-                    &deploy,
-                    &reply_to,
-                    Err(format!("cannot store the module: {e:#}")),
-                );
+            for waiter in fetch.waiting {
+                self.fail_fetch(waiter, format!("cannot store the module: {e:#}"));
             }
             return;
         }
-        for (deploy, reply_to) in fetch.waiting {
-            self.deploy_with_module(deploy, reply_to);
+        for waiter in fetch.waiting {
+            match waiter {
+                FetchFor::Deploy(deploy, reply_to) => self.deploy_with_module(*deploy, reply_to),
+                FetchFor::Restart(vp) => self.restart_member(vp),
+            }
         }
     }
 

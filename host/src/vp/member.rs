@@ -236,6 +236,31 @@ pub struct MemberFile {
     pub founding: Option<Membership>,
 }
 
+impl MemberFile {
+    /// Read `<member dir>/member.json`.
+    pub fn read(member_dir: &Path) -> anyhow::Result<MemberFile> {
+        use anyhow::Context;
+        let path = member_dir.join("member.json");
+        std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            .with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+/// The other members' contacts this copy saved (`CONTACTS_FILE`); none if
+/// the file is missing or unreadable.
+pub fn saved_contacts(member_dir: &Path) -> Vec<(HostId, PeerContact)> {
+    let path = member_dir.join(CONTACTS_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Vec::new();
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        tracing::warn!("ignoring {}: {e}", path.display());
+        Vec::new()
+    })
+}
+
 /// The guest module a member runs: compiled already, or being compiled on a
 /// thread of its own. A learner starts (and receives the snapshot) while its
 /// module compiles; the first install waits for the compiler.
@@ -322,19 +347,11 @@ fn now_us(last: &mut u64) -> Time {
 /// Teach the directory and the network how to reach the members this copy
 /// knew before it stopped (`CONTACTS_FILE`; missing or unreadable: nothing).
 fn load_contacts(ctx: &MemberContext, dir: &Path) {
-    let Ok(bytes) = std::fs::read(dir.join(CONTACTS_FILE)) else {
-        return;
-    };
-    match serde_json::from_slice::<Vec<(HostId, PeerContact)>>(&bytes) {
-        Ok(list) => {
-            for (host, contact) in list {
-                if ctx.directory.get(host).is_none() {
-                    ctx.directory.learn(host, &contact);
-                }
-                ctx.net.add_addresses(contact.peer, contact.addrs);
-            }
+    for (host, contact) in saved_contacts(dir) {
+        if ctx.directory.get(host).is_none() {
+            ctx.directory.learn(host, &contact);
         }
-        Err(e) => tracing::warn!("ignoring {}: {e}", dir.join(CONTACTS_FILE).display()),
+        ctx.net.add_addresses(contact.peer, contact.addrs);
     }
 }
 

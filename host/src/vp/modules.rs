@@ -63,11 +63,11 @@ impl ModuleStore {
             );
         }
         let hash = ModuleHash::of(bytes);
-        let path = self.path(&hash);
-        if path.exists() {
+        if self.get(&hash).is_some() {
             self.touch(&hash);
         } else {
-            crate::exec::write_atomically(&path, bytes)?;
+            // Missing, or corrupt (replaced whole).
+            crate::exec::write_atomically(&self.path(&hash), bytes)?;
         }
         Ok(hash)
     }
@@ -132,12 +132,7 @@ pub fn modules_in_use(data_dir: &Path) -> Result<HashSet<ModuleHash>> {
         if name.contains(".removed-") || name.parse::<VpId>().is_err() {
             continue;
         }
-        let path = entry.path().join("member.json");
-        let file: MemberFile = std::fs::read(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| Ok(serde_json::from_slice(&b)?))
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        in_use.insert(file.config.module);
+        in_use.insert(MemberFile::read(&entry.path())?.config.module);
     }
     Ok(in_use)
 }
