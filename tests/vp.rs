@@ -678,6 +678,80 @@ async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_killed_while_catching_up_is_given_up_and_leaves_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start("vp-learner-killed", 5).await;
+    let mut ids = Vec::new();
+    for h in &c.hosts {
+        ids.push(h.status().await.unwrap().host_id);
+    }
+    let vp = c
+        .spawn(
+            0,
+            vp_apps::STRESS,
+            "&memory_max=268435456&fuel_per_message=2000000000",
+        )
+        .await
+        .unwrap();
+    let checksum = c
+        .ask(0, &vp, json!({"hold": {"bytes": 64u64 << 20, "seed": 3}}))
+        .await;
+    let s = c.wait_voters(0, &vp, 3, &[]).await;
+    let leader = c.index_of(s.leader.as_ref().unwrap()).await.unwrap();
+    let victim = (0..5)
+        .find(|&i| i != leader && s.voters.contains(&ids[i]))
+        .unwrap();
+    let copies: Vec<std::path::PathBuf> = c
+        .hosts
+        .iter()
+        .map(|h| h.data_dir.join("vps").join(&vp))
+        .collect();
+    let copy_on = |i: usize| copies[i].clone();
+    c.hosts[victim].kill();
+    // The leader deploys a replacement on one of the two other hosts: that
+    // host is killed as soon as its copy exists, while the 64 MiB move.
+    let spares: Vec<usize> = (0..5).filter(|i| !s.voters.contains(&ids[*i])).collect();
+    let learner = wait_for(Duration::from_secs(30), || {
+        spares.iter().copied().find(|&i| copy_on(i).exists())
+    })
+    .await
+    .expect("a replacement was deployed");
+    c.hosts[learner].kill();
+    // The leader gives it up and replaces the dead member by the last host.
+    let other = spares.iter().copied().find(|&i| i != learner).unwrap();
+    let s = c
+        .wait_voters(leader, &vp, 3, &[ids[victim].clone(), ids[learner].clone()])
+        .await;
+    assert!(s.voters.contains(&ids[other]), "{:?}", s.voters);
+    // Restarted, the given-up copy hears from no member and leaves (or, had
+    // it caught up before the kill, learns it was replaced): its directory
+    // goes, and the host is a member of nothing.
+    c.restart(learner).await;
+    let left = wait_for(Duration::from_secs(60), || {
+        (!copy_on(learner).exists()).then_some(())
+    })
+    .await;
+    assert!(
+        left.is_some(),
+        "{} is still there",
+        copy_on(learner).display()
+    );
+    let status = c.hosts[learner].status().await.unwrap();
+    assert!(
+        status.virtual_peers.iter().all(|v| v.vp != vp),
+        "still listed: {:?}",
+        status
+            .virtual_peers
+            .iter()
+            .map(|v| &v.vp)
+            .collect::<Vec<_>>()
+    );
+    let states = converged(&c, &vp, &s.voters).await;
+    assert_identical(&states);
+    assert_eq!(c.ask(learner, &vp, json!("checksum")).await, checksum);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_survives_the_callee_leader_being_killed() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-call-kill", 6).await;

@@ -48,6 +48,13 @@ pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 const OUTBOX_RESEND: Duration = Duration::from_secs(2);
 /// A replacement that has not finished in this long is abandoned (and retried).
 const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A host deployed as a replacement that has never seen itself in a
+/// membership and has heard nothing from the other members for this long
+/// leaves: the leader gave it up (it did not catch up within
+/// `REPLACEMENT_TIMEOUT`, say because this host was down meanwhile), or
+/// the virtual peer was destroyed while it caught up. The leader talks to a
+/// learner it still wants at least every heartbeat.
+pub const LEARNER_ABANDONED: Duration = Duration::from_secs(30);
 /// How often the loop runs its own duties even without events.
 const TICK: Duration = Duration::from_millis(20);
 /// File in a virtual peer's directory with the contacts of its other members.
@@ -439,6 +446,7 @@ pub fn start_member(
         outbox_sent: HashMap::new(),
         replacing: None,
         was_member: false,
+        heard_at: Time(0),
         grace_until: Time(0),
         down: HashMap::new(),
         learner_since: None,
@@ -816,6 +824,8 @@ struct Member {
     announced_leader: Option<HostId>,
     /// This host has appeared in an applied membership.
     was_member: bool,
+    /// When a consensus message last arrived (see `LEARNER_ABANDONED`).
+    heard_at: Time,
     /// The log's `Destroy` was applied (or a voter said the virtual peer was
     /// destroyed): later entries and requests are answered with an error,
     /// and the node removes this member in a moment.
@@ -841,6 +851,7 @@ impl Member {
         tracing::info!(voters = ?self.membership.voters, "member started");
         let _watched = crate::watchdog::MemberRunning::new();
         self.was_member = self.membership.is_member(self.ctx.me);
+        self.heard_at = self.now();
         if start_fresh_guest {
             self.install(Slot(0), self.membership.clone(), Bytes::default());
         }
@@ -964,6 +975,7 @@ impl Member {
         let now = self.now();
         match event {
             MemberEvent::Paxos { from, msg } => {
+                self.heard_at = now;
                 if let Err(e) = self.replica.handle_message(now, from, msg) {
                     tracing::debug!(%from, "consensus message refused: {e}");
                 }
@@ -1239,6 +1251,22 @@ impl Member {
                 tracing::info!(leader = ?self.replica.leader_hint(), "no longer leading");
                 self.replacing = None;
             }
+        }
+        if !self.was_member
+            && !self.destroyed
+            && now.since(self.heard_at) > LEARNER_ABANDONED.as_micros() as u64
+        {
+            tracing::warn!(
+                "deployed as a new member, but no member has been in touch for {} s: \
+                 the replacement was given up (or the virtual peer destroyed); leaving",
+                LEARNER_ABANDONED.as_secs()
+            );
+            self.tell_node(MemberOutput::Removed {
+                vp: self.vp(),
+                voters: Vec::new(),
+            });
+            self.stopped = true;
+            return;
         }
         if !leading || self.guest.is_none() || self.destroyed {
             return;
