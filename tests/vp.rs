@@ -115,6 +115,17 @@ async fn spawn_send_status_and_every_example_app() {
         .expect("an API error");
     assert_eq!(api.status, 404, "{api}");
     assert!(api.message.contains("no-such-vp"), "{api}");
+    // An id no virtual peer has: the overlay finds its key range empty, and
+    // the send and the status query say so instead of waiting 30 s.
+    let nowhere = "00c0ffee00c0ffee";
+    let (sent, status) = tokio::join!(c.send(1, nowhere, json!("get")), c.vp_status(2, nowhere));
+    for err in [sent.expect_err("not found"), status.expect_err("not found")] {
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("no virtual peer 00c0ffee00c0ffee was found"),
+            "{text}"
+        );
+    }
     let err = c.send(4, &counter, json!({"add": "x"})).await.unwrap();
     assert!(err.error.unwrap().contains("cannot decode message"));
     send_streams(&c, &counter).await;
@@ -640,10 +651,9 @@ async fn all_members_killed_and_restarted_keep_every_acknowledged_message() {
     assert_identical(&states);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
-    let _serial = SERIAL.lock().await;
-    let c = Cluster::start("vp-64mib", 5).await;
+/// The stress app spawned through host 0, holding 64 MiB drawn from `seed`;
+/// its id and the checksum of what it holds.
+async fn spawn_holding_64_mib(c: &Cluster, seed: u64) -> (String, Value) {
     let vp = c
         .spawn(
             0,
@@ -653,8 +663,20 @@ async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
         .await
         .unwrap();
     let checksum = c
-        .ask(1, &vp, json!({"hold": {"bytes": 64u64 << 20, "seed": 9}}))
+        .ask(
+            1,
+            &vp,
+            json!({"hold": {"bytes": 64u64 << 20, "seed": seed}}),
+        )
         .await;
+    (vp, checksum)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start("vp-64mib", 5).await;
+    let (vp, checksum) = spawn_holding_64_mib(&c, 9).await;
     let s = c.wait_voters(0, &vp, 3, &[]).await;
     let victim_id = s
         .voters
@@ -685,17 +707,7 @@ async fn a_replacement_killed_while_catching_up_is_given_up_and_leaves_after_res
     for h in &c.hosts {
         ids.push(h.status().await.unwrap().host_id);
     }
-    let vp = c
-        .spawn(
-            0,
-            vp_apps::STRESS,
-            "&memory_max=268435456&fuel_per_message=2000000000",
-        )
-        .await
-        .unwrap();
-    let checksum = c
-        .ask(0, &vp, json!({"hold": {"bytes": 64u64 << 20, "seed": 3}}))
-        .await;
+    let (vp, checksum) = spawn_holding_64_mib(&c, 3).await;
     let s = c.wait_voters(0, &vp, 3, &[]).await;
     let leader = c.index_of(s.leader.as_ref().unwrap()).await.unwrap();
     let victim = (0..5)

@@ -515,7 +515,8 @@ impl Node {
                     hops,
                 });
             }
-            AlmEvent::MulticastEmpty { .. } | AlmEvent::NeighbourChanged { .. } => {}
+            AlmEvent::MulticastEmpty { op } => self.on_multicast_empty(op),
+            AlmEvent::NeighbourChanged { .. } => {}
             AlmEvent::Isolated { key } => {
                 tracing::warn!(key = %key_text(&key), "key lost every link; rejoining through a bootstrap host");
                 if self.cfg.bootstrap.is_empty() && self.introducers.is_empty() {

@@ -172,6 +172,36 @@ const DESTROYED_SEEN_MAX: usize = 4096;
 /// A placement gives up after this long.
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
+/// Locate multicasts remembered (their `MulticastEmpty` reports name the op).
+const LOCATE_OPS_MAX: usize = 4096;
+/// A virtual peer whose key range has been empty this long, and none of
+/// whose members ever answered this host, is reported not found. Longer than
+/// a fresh member takes to insert its key, so a send right after a spawn
+/// waits for it.
+pub const NOT_FOUND_AFTER: Duration = Duration::from_secs(5);
+
+/// What a request for a virtual peer that is nowhere gets.
+pub fn not_found_text(vp: VpId) -> String {
+    format!(
+        "no virtual peer {vp} was found: for {} s no host in the overlay held a key of it \
+         (it does not exist, was destroyed, or all its members are down)",
+        NOT_FOUND_AFTER.as_secs()
+    )
+}
+
+/// Removes and returns the keys of `map` whose instant has come.
+fn take_due(map: &mut HashMap<VpId, Instant>, now: Instant) -> Vec<VpId> {
+    let due: Vec<VpId> = map
+        .iter()
+        .filter(|(_, at)| **at <= now)
+        .map(|(vp, _)| *vp)
+        .collect();
+    for vp in &due {
+        map.remove(vp);
+    }
+    due
+}
+
 /// What waits for a module being fetched.
 enum FetchFor {
     /// A deployment to this host, and whom to answer.
@@ -301,6 +331,13 @@ pub struct VpNode {
     pub(super) gone: HashMap<libp2p::PeerId, Instant>,
     sample_searches: HashMap<OpId, u64>,
     resolving: HashMap<OpId, HostId>,
+    /// Locate multicasts lately sent, by op (at most `LOCATE_OPS_MAX`).
+    locate_ops: HashMap<OpId, VpId>,
+    /// Virtual peers none of whose members ever answered here, whose key
+    /// range the overlay reported empty (`AlmEvent::MulticastEmpty`), and
+    /// since when: requests for one still unanswered `NOT_FOUND_AFTER` later
+    /// fail with "not found" instead of waiting their whole timeout.
+    empty: HashMap<VpId, Instant>,
     deploys: HashMap<u64, (oneshot::Sender<Result<(), String>>, Instant)>,
     fetches: HashMap<ModuleHash, Fetch>,
     status_queries: HashMap<u64, StatusQuery>,
@@ -341,6 +378,8 @@ impl VpNode {
             members_seen: HashMap::new(),
             sample_searches: HashMap::new(),
             resolving: HashMap::new(),
+            locate_ops: HashMap::new(),
+            empty: HashMap::new(),
             deploys: HashMap::new(),
             fetches: HashMap::new(),
             status_queries: HashMap::new(),
@@ -1163,12 +1202,77 @@ impl Node {
             });
         }
         let at = self.now();
-        if let Err(e) = self.alm.multicast(
+        match self.alm.multicast(
             at,
             KeyRange::prefix(&vp_prefix(vp)),
             vp_alm::Bytes::copy_from(&payload),
         ) {
-            tracing::debug!(%vp, "cannot multicast a locate: {e}");
+            Ok(op) => {
+                if self.vps.locate_ops.len() >= LOCATE_OPS_MAX {
+                    self.vps.locate_ops.clear();
+                }
+                self.vps.locate_ops.insert(op, vp);
+            }
+            Err(e) => tracing::debug!(%vp, "cannot multicast a locate: {e}"),
+        }
+    }
+
+    /// (Part of) a multicast's range held no key. For a locate of a virtual
+    /// peer no member of which ever answered here, the range is all of it.
+    pub(super) fn on_multicast_empty(&mut self, op: OpId) {
+        let Some(&vp) = self.vps.locate_ops.get(&op) else {
+            return;
+        };
+        if self.vps.members_seen.contains_key(&vp) || self.vps.members.contains_key(&vp) {
+            return;
+        }
+        if self.vps.empty.len() >= LOCATE_OPS_MAX {
+            self.vps.empty.clear();
+        }
+        self.vps.empty.entry(vp).or_insert_with(Instant::now);
+    }
+
+    /// Fail what waits for virtual peers found nowhere for `NOT_FOUND_AFTER`.
+    fn fail_not_found(&mut self, now: Instant) {
+        let gone: Vec<VpId> = self
+            .vps
+            .empty
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= NOT_FOUND_AFTER)
+            .map(|(vp, _)| *vp)
+            .collect();
+        for vp in gone {
+            self.vps.empty.remove(&vp);
+            let keys: Vec<_> = self
+                .vps
+                .outstanding
+                .keys()
+                .filter(|k| k.0 == vp)
+                .copied()
+                .collect();
+            if keys.is_empty() && !self.vps.status_queries.values().any(|q| q.0 == vp) {
+                continue;
+            }
+            tracing::info!(%vp, "virtual peer not found");
+            for key in keys {
+                let o = self.vps.outstanding.remove(&key).expect("present");
+                o.waiter
+                    .answer(&self.vps.members, key.2, Err(not_found_text(vp)));
+            }
+            let ops: Vec<u64> = self
+                .vps
+                .status_queries
+                .iter()
+                .filter(|(_, q)| q.0 == vp)
+                .map(|(op, _)| *op)
+                .collect();
+            for op in ops {
+                if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
+                    let _ = reply.send(Err(not_found_text(vp)));
+                }
+            }
+            self.vps.leader_waiters.remove(&vp);
+            self.vps.locating.remove(&vp);
         }
     }
 
@@ -1180,6 +1284,7 @@ impl Node {
         {
             self.vps.members_seen.clear();
         }
+        self.vps.empty.remove(&vp);
         let seen = self.vps.members_seen.entry(vp).or_default();
         if seen.len() >= MEMBERS_SEEN_PER_VP_MAX && !seen.contains_key(&member) {
             seen.clear();
@@ -1299,6 +1404,7 @@ impl Node {
             }
             self.try_request(key);
         }
+        self.fail_not_found(now);
         self.sample_tick(now);
         if self
             .vps
@@ -1333,26 +1439,10 @@ impl Node {
                 )));
             }
         }
-        let due: Vec<VpId> = self
-            .vps
-            .destroying
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(vp, _)| *vp)
-            .collect();
-        for vp in due {
-            self.vps.destroying.remove(&vp);
+        for vp in take_due(&mut self.vps.destroying, now) {
             self.undeploy(vp);
         }
-        let due: Vec<VpId> = self
-            .vps
-            .restart_retry
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(vp, _)| *vp)
-            .collect();
-        for vp in due {
-            self.vps.restart_retry.remove(&vp);
+        for vp in take_due(&mut self.vps.restart_retry, now) {
             self.restart_member(vp);
         }
         let expired: Vec<ModuleHash> = self
