@@ -167,6 +167,17 @@ async fn spawn_send_status_and_every_example_app() {
         .await;
     let history = c.ask(1, &a, json!({"ask": {"room": b, "last": 5}})).await;
     assert_eq!(history[0]["text"], "hello");
+    // A call to a virtual peer that is nowhere resumes with that error.
+    let lost = c
+        .send(1, &a, json!({"ask": {"room": nowhere, "last": 5}}))
+        .await
+        .unwrap();
+    assert!(
+        lost.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no virtual peer 00c0ffee00c0ffee was found")),
+        "{lost:?}"
+    );
     c.ask(2, &a, json!({"bridge": b})).await;
     c.ask(3, &a, json!({"post": {"from": "ann", "text": "relayed"}}))
         .await;

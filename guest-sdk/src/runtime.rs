@@ -116,8 +116,9 @@ impl<A: 'static> Ctx<A> {
     /// Send a one-way message to another virtual peer, after this input's
     /// effects are ordered. It is applied there at most once, and exactly once
     /// if the callee takes it within 60 s of retries (through leader changes
-    /// on either side); a callee unreachable that long, or one refusing it
-    /// because it serves its maximum of client sessions, does not get it, and
+    /// on either side); a callee unreachable that long, one found nowhere (no
+    /// host holds a key of it for 5 s), or one refusing it because it serves
+    /// its maximum of client sessions, does not get it, and
     /// nothing tells this guest (the hosts log a warning). Any reply is dropped: use
     /// [`Ctx::call`] to learn the outcome.
     pub fn send<M: Serialize + ?Sized>(&self, to: VpId, msg: &M) -> Result<(), Error> {
