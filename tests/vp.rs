@@ -179,6 +179,39 @@ async fn spawn_send_status_and_every_example_app() {
         "{lost:?}"
     );
     c.ask(2, &a, json!({"bridge": b})).await;
+    // What `a` logged (its bridge), printed by `vp-host logs` on a host
+    // that may not be a member; then as JSON, from where the first ended.
+    let dir4 = c.hosts[4].data_dir.to_string_lossy().into_owned();
+    let bridged = format!("bridged to {b}: posts here are forwarded there");
+    let printed = wait_for(Duration::from_secs(15), || {
+        let out = common::run(&["--data-dir", &dir4, "logs", &a], "");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains(&bridged)).then_some(text)
+    })
+    .await
+    .expect("vp-host logs prints the app's line");
+    let line = printed.lines().find(|l| l.contains(&bridged)).unwrap();
+    assert!(line.contains(" info  ["), "{line}");
+    let out = common::run(&["--data-dir", &dir4, "logs", &a, "--json"], "");
+    let entries: Vec<Value> = common::stdout_lines(&out)
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let entry = entries
+        .iter()
+        .find(|e| e["text"] == bridged.as_str())
+        .unwrap();
+    assert_eq!(entry["level"], "info");
+    let cursor = format!("{}.{}", entry["slot"], entry["n"]);
+    let out = common::run(&["--data-dir", &dir4, "logs", &a, "--after", &cursor], "");
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&bridged),
+        "only the lines after {cursor}"
+    );
+    let out = common::run(&["--data-dir", &dir4, "logs", &a, "--after", "7"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLOT.N"));
     c.ask(3, &a, json!({"post": {"from": "ann", "text": "relayed"}}))
         .await;
     let relayed = common::wait_for_async(Duration::from_secs(30), || async {

@@ -34,9 +34,12 @@
 //! Rules a guest lives by (the host enforces them; `docs/abi.md` has the detail):
 //! state changes only while handling a message; time and randomness come from
 //! [`Ctx::now_ms`] and [`Ctx::random_u64`], which the ordering leader stamped;
-//! a handler that traps or runs out of fuel has no effect at all.
+//! a handler that traps or runs out of fuel has no effect at all. Log lines
+//! for yourself with [`info!`] and friends ([`log`]); `vp-host logs <vp>`
+//! shows them.
 
 pub mod abi;
+pub mod log;
 mod runtime;
 pub mod testing;
 #[cfg(target_arch = "wasm32")]

@@ -81,6 +81,28 @@ fn decode_result<R: DeserializeOwned>(result: &WireResult) -> Result<R, Error> {
     }
 }
 
+/// Lines logged natively (`crate::log`), oldest first, at most `LOG_KEPT_MAX`.
+#[cfg(not(target_arch = "wasm32"))]
+const LOG_KEPT_MAX: usize = 4096;
+
+#[cfg(not(target_arch = "wasm32"))]
+thread_local! {
+    static LOG: std::cell::RefCell<std::collections::VecDeque<(crate::log::Level, String)>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Keep a line logged outside a guest (a native test) for [`TestApp::take_log`].
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn capture_log(level: crate::log::Level, line: &str) {
+    LOG.with(|log| {
+        let mut log = log.borrow_mut();
+        if log.len() == LOG_KEPT_MAX {
+            log.pop_front();
+        }
+        log.push_back((level, line.to_string()));
+    });
+}
+
 /// An app under test.
 pub struct TestApp<A: App> {
     runtime: Runtime<A>,
@@ -104,6 +126,13 @@ impl<A: App> TestApp<A> {
             next_id: 1,
             outbox: Vec::new(),
         }
+    }
+
+    /// The lines logged on this thread (`vp_guest_sdk::info!` and friends)
+    /// since the last call, oldest first (at most the latest 4,096).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_log(&mut self) -> Vec<(crate::log::Level, String)> {
+        LOG.with(|log| log.borrow_mut().drain(..).collect())
     }
 
     /// The app's state.

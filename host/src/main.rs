@@ -99,6 +99,22 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Print what a virtual peer's app logged lately (`vp_guest_sdk::info!`
+    /// and friends), oldest first, as one of its members keeps it (the latest
+    /// 1,000 lines at most); --follow keeps printing new lines.
+    Logs {
+        /// The virtual peer: id (16 hex digits) or a name known to this host.
+        vp: String,
+        /// Keep printing new lines as they are logged (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines after this one (`SLOT.N`, as printed).
+        #[arg(long, value_name = "SLOT.N")]
+        after: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Use the skip-graph overlay directly (diagnostics and tests).
     Overlay {
         #[command(subcommand)]
@@ -850,6 +866,79 @@ fn run_destroy(
     Ok(())
 }
 
+/// `vp-host logs <vp>`: the app's recent log lines; with `follow`, new ones
+/// each second until interrupted (errors meanwhile are reported and retried).
+fn run_logs(
+    vp: &str,
+    follow: bool,
+    after: Option<&str>,
+    json: bool,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::api::{LogsAnswer, parse_log_cursor};
+    let client = client(api, data_dir)?;
+    let rt = runtime()?;
+    let mut cursor = match after {
+        Some(text) => parse_log_cursor(text).map_err(anyhow::Error::msg)?,
+        None => (0, 0),
+    };
+    rt.block_on(async {
+        loop {
+            let path = format!("/v1/vps/{vp}/logs?after={}.{}", cursor.0, cursor.1);
+            match client.get::<LogsAnswer>(&path).await {
+                Ok(answer) => {
+                    for line in &answer.lines {
+                        if json {
+                            println!("{}", serde_json::to_string(line)?);
+                        } else {
+                            println!(
+                                "{} {:<5} [{}.{}] {}",
+                                utc_text(line.time_ms),
+                                line.level,
+                                line.slot,
+                                line.n,
+                                line.text
+                            );
+                        }
+                        cursor = line.cursor();
+                    }
+                }
+                Err(e) if follow => eprintln!("{e:#}; trying again"),
+                Err(e) => return Err(e),
+            }
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// `ms` since the Unix epoch as UTC, `2026-12-03T05:28:46.123Z`.
+fn utc_text(ms: u64) -> String {
+    let days = (ms / 86_400_000) as i64;
+    let in_day = ms % 86_400_000;
+    // Civil date from days since 1970-01-01, in 400-year eras starting in March.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000
+    )
+}
+
 /// `vp-host send <vp> -`: messages from standard input over one send stream,
 /// at most `in_flight` at once, answers printed in input order. A line that
 /// is not JSON, or a message that cannot be delivered, prints
@@ -1025,6 +1114,15 @@ fn main() -> ExitCode {
             init_logging(cli.log_format, "warn");
             run_destroy(&vp, yes, cli.api, &data_dir)
         }
+        Command::Logs {
+            vp,
+            follow,
+            after,
+            json,
+        } => {
+            init_logging(cli.log_format, "warn");
+            run_logs(&vp, follow, after.as_deref(), json, cli.api, &data_dir)
+        }
         Command::Overlay { which } => {
             init_logging(cli.log_format, "warn");
             run_overlay(which, cli.api, &data_dir)
@@ -1135,6 +1233,14 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_times_print_as_utc() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc_text(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc_text(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

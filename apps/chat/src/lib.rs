@@ -129,9 +129,12 @@ impl App for Chat {
             Msg::Bridge(room) => {
                 let room = vp_id(&room)?;
                 if self.bridges.len() >= BRIDGES_MAX && !self.bridges.contains(&room) {
+                    vp_guest_sdk::warn!("bridge to {room} refused: {BRIDGES_MAX} already");
                     return Err(Error::new(format!("at most {BRIDGES_MAX} bridges")));
                 }
-                self.bridges.insert(room);
+                if self.bridges.insert(room) {
+                    vp_guest_sdk::info!("bridged to {room}: posts here are forwarded there");
+                }
                 Ok(Reply::Count(self.bridges.len() as u64).into())
             }
             Msg::History { last } => Ok(Reply::Posts(self.history(last)).into()),
@@ -184,6 +187,13 @@ mod tests {
         let out = t.take_outbox();
         assert_eq!(out.len(), 1);
         assert!(!out[0].expects_reply);
+        assert_eq!(
+            t.take_log(),
+            vec![(
+                vp_guest_sdk::log::Level::Info,
+                "bridged to 00000000000000aa: posts here are forwarded there".to_string()
+            )]
+        );
         assert_eq!(out[0].to, VpId(0xaa));
         // a forwarded post is stored, not forwarded again
         let d = t.deliver(

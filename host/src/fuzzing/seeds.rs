@@ -401,7 +401,22 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
                 room: true,
             },
         ),
-        ("status-query", VpWire::StatusQuery { vp, op: 5 }),
+        (
+            "status-query",
+            VpWire::StatusQuery {
+                vp,
+                op: 5,
+                log_after: None,
+            },
+        ),
+        (
+            "logs-query",
+            VpWire::StatusQuery {
+                vp,
+                op: 6,
+                log_after: Some((17, 2)),
+            },
+        ),
         (
             "status-reply",
             VpWire::StatusReply {

@@ -37,7 +37,12 @@ pub enum NodeRequest {
     /// The id (16 hex digits) of the virtual peer with this id or name.
     Resolve(String, oneshot::Sender<Result<String, String>>),
     VpList(oneshot::Sender<Vec<VpStatus>>),
-    VpStatus(String, oneshot::Sender<Result<VpStatus, String>>),
+    /// A virtual peer's status; with a cursor, also its guest's log lines after it.
+    VpStatus(
+        String,
+        Option<crate::vp::LogCursor>,
+        oneshot::Sender<Result<VpStatus, String>>,
+    ),
     VpDigest(String, oneshot::Sender<Result<String, String>>),
 }
 
@@ -82,6 +87,35 @@ pub struct DestroyAnswer {
     pub vp: String,
     /// This host knew it was destroyed already.
     pub already: bool,
+}
+
+/// `GET /v1/vps/{vp}/logs?after=SLOT.N`: the guest's log lines after that
+/// cursor (all kept, by default), oldest first, as the member `host` has them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogsAnswer {
+    pub vp: String,
+    pub host: String,
+    pub lines: Vec<crate::vp::GuestLogEntry>,
+}
+
+/// The query of `GET /v1/vps/{vp}/logs`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LogsParams {
+    /// `SLOT.N`: only lines after this one.
+    pub after: Option<String>,
+}
+
+/// Parse a log cursor written `SLOT.N`.
+pub fn parse_log_cursor(text: &str) -> Result<crate::vp::LogCursor, String> {
+    let (slot, n) = text
+        .split_once('.')
+        .ok_or_else(|| format!("log cursor `{text}`: expected SLOT.N, e.g. 17.2"))?;
+    match (slot.parse(), n.parse()) {
+        (Ok(slot), Ok(n)) => Ok((slot, n)),
+        _ => Err(format!(
+            "log cursor `{text}`: expected SLOT.N, two whole numbers, e.g. 17.2"
+        )),
+    }
 }
 
 /// `GET /v1/vps/{vp}/digest`.
@@ -309,10 +343,29 @@ async fn vp_status(
     State(tx): State<Tx>,
     Path(vp): Path<String>,
 ) -> Result<Json<VpStatus>, ApiError> {
-    ask(&tx, |r| NodeRequest::VpStatus(vp, r))
+    ask(&tx, |r| NodeRequest::VpStatus(vp, None, r))
         .await?
         .map(Json)
         .map_err(ApiError::not_found)
+}
+
+async fn vp_logs(
+    State(tx): State<Tx>,
+    Path(vp): Path<String>,
+    Query(params): Query<LogsParams>,
+) -> Result<Json<LogsAnswer>, ApiError> {
+    let after = match params.after.as_deref() {
+        Some(text) => parse_log_cursor(text).map_err(ApiError::bad_request)?,
+        None => (0, 0),
+    };
+    let status = ask(&tx, |r| NodeRequest::VpStatus(vp, Some(after), r))
+        .await?
+        .map_err(ApiError::not_found)?;
+    Ok(Json(LogsAnswer {
+        vp: status.vp,
+        host: status.host,
+        lines: status.guest_log,
+    }))
 }
 
 async fn vp_digest(
@@ -339,5 +392,6 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/vps/{vp}/send", post(send))
         .route("/v1/vps/{vp}/stream", get(super::stream::route))
         .route("/v1/vps/{vp}/digest", get(vp_digest))
+        .route("/v1/vps/{vp}/logs", get(vp_logs))
         .with_state(tx)
 }

@@ -27,7 +27,7 @@ use crate::vp::member::{
 use crate::vp::modules::{MODULE_UNUSED_KEEP, MODULES_COLLECT_EVERY, ModuleStore, modules_in_use};
 use crate::vp::tombstones::{TOMBSTONE_KEEP, TOMBSTONES_MAX, Tombstones};
 use crate::vp::wire::{Deploy, MODULE_CHUNK_BYTES, Reply, Request, VpWire};
-use crate::vp::{VpConfig, VpStatus, new_session_id};
+use crate::vp::{LogCursor, VpConfig, VpStatus, new_session_id};
 
 /// Requests (from the API or from members' outbound messages) in flight.
 pub const OUTSTANDING_MAX: usize = 100_000;
@@ -298,8 +298,14 @@ pub fn deliver_paxos(
     }
 }
 
-/// A status asked of a virtual peer's leader: for which, who waits, until when.
-type StatusQuery = (VpId, oneshot::Sender<Result<VpStatus, String>>, Instant);
+/// A status asked of a virtual peer's leader.
+struct StatusQuery {
+    vp: VpId,
+    reply: oneshot::Sender<Result<VpStatus, String>>,
+    deadline: Instant,
+    /// Also the guest's log lines after this (`vp-host logs`).
+    log_after: Option<LogCursor>,
+}
 
 /// Everything the node keeps about virtual peers.
 pub struct VpNode {
@@ -838,9 +844,9 @@ impl Node {
                     self.sample_tick(Instant::now());
                 }
             }
-            VpWire::StatusQuery { vp, op } => {
+            VpWire::StatusQuery { vp, op, log_after } => {
                 let (tx, rx) = oneshot::channel();
-                if let Some(tx) = self.local_vp_status(vp, tx) {
+                if let Some(tx) = self.local_vp_status(vp, log_after, tx) {
                     let why = if self.vps.tombstones.contains(vp) {
                         destroyed_text(vp)
                     } else {
@@ -858,8 +864,8 @@ impl Node {
                 });
             }
             VpWire::StatusReply { op, status } => {
-                if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
-                    let _ = reply.send(status.map(|s| *s));
+                if let Some(q) = self.vps.status_queries.remove(&op) {
+                    let _ = q.reply.send(status.map(|s| *s));
                 }
             }
         }
@@ -1001,18 +1007,7 @@ impl Node {
         self.vps.leaders.remove(&vp);
         self.vps.locating.remove(&vp);
         self.vps.leader_waiters.remove(&vp);
-        let queries: Vec<u64> = self
-            .vps
-            .status_queries
-            .iter()
-            .filter(|(_, (v, _, _))| *v == vp)
-            .map(|(op, _)| *op)
-            .collect();
-        for op in queries {
-            if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
-                let _ = reply.send(Err(destroyed_text(vp)));
-            }
-        }
+        self.fail_status_queries(vp, &destroyed_text(vp));
         self.vps.names.retain(|_, v| *v != vp);
     }
 
@@ -1232,6 +1227,22 @@ impl Node {
         self.vps.empty.entry(vp).or_insert_with(Instant::now);
     }
 
+    /// Answer every status query waiting for `vp` with `why`.
+    fn fail_status_queries(&mut self, vp: VpId, why: &str) {
+        let ops: Vec<u64> = self
+            .vps
+            .status_queries
+            .iter()
+            .filter(|(_, q)| q.vp == vp)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in ops {
+            if let Some(q) = self.vps.status_queries.remove(&op) {
+                let _ = q.reply.send(Err(why.to_string()));
+            }
+        }
+    }
+
     /// Fail what waits for virtual peers found nowhere for `NOT_FOUND_AFTER`.
     fn fail_not_found(&mut self, now: Instant) {
         let gone: Vec<VpId> = self
@@ -1250,7 +1261,7 @@ impl Node {
                 .filter(|k| k.0 == vp)
                 .copied()
                 .collect();
-            if keys.is_empty() && !self.vps.status_queries.values().any(|q| q.0 == vp) {
+            if keys.is_empty() && !self.vps.status_queries.values().any(|q| q.vp == vp) {
                 continue;
             }
             tracing::info!(%vp, "virtual peer not found");
@@ -1259,18 +1270,7 @@ impl Node {
                 o.waiter
                     .answer(&self.vps.members, key.2, Err(not_found_text(vp)));
             }
-            let ops: Vec<u64> = self
-                .vps
-                .status_queries
-                .iter()
-                .filter(|(_, q)| q.0 == vp)
-                .map(|(op, _)| *op)
-                .collect();
-            for op in ops {
-                if let Some((_, reply, _)) = self.vps.status_queries.remove(&op) {
-                    let _ = reply.send(Err(not_found_text(vp)));
-                }
-            }
+            self.fail_status_queries(vp, &not_found_text(vp));
             self.vps.leader_waiters.remove(&vp);
             self.vps.locating.remove(&vp);
         }
@@ -1428,11 +1428,11 @@ impl Node {
             .vps
             .status_queries
             .iter()
-            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .filter(|(_, q)| q.deadline <= now)
             .map(|(op, _)| *op)
             .collect();
         for op in expired {
-            if let Some((vp, reply, _)) = self.vps.status_queries.remove(&op) {
+            if let Some(StatusQuery { vp, reply, .. }) = self.vps.status_queries.remove(&op) {
                 let _ = reply.send(Err(format!(
                     "no member of virtual peer {vp} answered (it may not exist, or its \
                      members are unreachable)"
@@ -1975,8 +1975,9 @@ impl Node {
             }
             NodeCall::Undeploy { to, vp } => self.send_vp(&to, VpWire::Undeploy { vp }),
             NodeCall::QueryStatus { vp, op } => {
+                let log_after = self.vps.status_queries.get(&op).and_then(|q| q.log_after);
                 if let Some((_, contact)) = self.vps.leaders.get(&vp).cloned() {
-                    self.send_vp(&contact, VpWire::StatusQuery { vp, op });
+                    self.send_vp(&contact, VpWire::StatusQuery { vp, op, log_after });
                 }
             }
             NodeCall::Compiled {
@@ -1999,11 +2000,12 @@ impl Node {
     fn local_vp_status(
         &mut self,
         vp: VpId,
+        log_after: Option<LogCursor>,
         reply: oneshot::Sender<Result<VpStatus, String>>,
     ) -> Option<oneshot::Sender<Result<VpStatus, String>>> {
         if let Some(m) = self.vps.members.get(&vp) {
             let (tx, rx) = oneshot::channel();
-            if m.send(MemberEvent::Status(tx)) {
+            if m.send(MemberEvent::Status(tx, log_after)) {
                 tokio::spawn(async move {
                     let _ = reply.send(rx.await.map_err(|_| "the member stopped".to_string()));
                 });
@@ -2015,8 +2017,13 @@ impl Node {
 
     /// Status of a virtual peer: from the local member, or asked of its leader
     /// (found through the overlay if need be).
-    pub(super) fn vp_status(&mut self, vp: VpId, reply: oneshot::Sender<Result<VpStatus, String>>) {
-        let Some(reply) = self.local_vp_status(vp, reply) else {
+    pub(super) fn vp_status(
+        &mut self,
+        vp: VpId,
+        log_after: Option<LogCursor>,
+        reply: oneshot::Sender<Result<VpStatus, String>>,
+    ) {
+        let Some(reply) = self.local_vp_status(vp, log_after, reply) else {
             return;
         };
         if self.vps.destroyed(vp) {
@@ -2024,9 +2031,13 @@ impl Node {
             return;
         }
         let op = self.vps.op();
-        self.vps
-            .status_queries
-            .insert(op, (vp, reply, Instant::now() + Duration::from_secs(10)));
+        let query = StatusQuery {
+            vp,
+            reply,
+            deadline: Instant::now() + Duration::from_secs(10),
+            log_after,
+        };
+        self.vps.status_queries.insert(op, query);
         // A cached leader whose connections closed lately is not asked (it
         // would not answer, and the query would wait its full 10 s).
         let leader = self
@@ -2036,7 +2047,7 @@ impl Node {
             .cloned()
             .filter(|(_, c)| self.believable(c));
         match leader {
-            Some((_, contact)) => self.send_vp(&contact, VpWire::StatusQuery { vp, op }),
+            Some((_, contact)) => self.send_vp(&contact, VpWire::StatusQuery { vp, op, log_after }),
             None => {
                 let (tx, rx) = oneshot::channel();
                 self.vps.leader_waiters.entry(vp).or_default().push(tx);
@@ -2060,7 +2071,7 @@ impl Node {
         members.sort_by_key(|(vp, _)| **vp);
         for (_, m) in members {
             let (tx, rx) = oneshot::channel();
-            if m.send(MemberEvent::Status(tx)) {
+            if m.send(MemberEvent::Status(tx, None)) {
                 out.push(rx);
             }
         }
@@ -2226,8 +2237,8 @@ impl Node {
                     let _ = reply.send(list);
                 });
             }
-            NodeRequest::VpStatus(name, reply) => match self.resolve_vp(&name) {
-                Ok(vp) => self.vp_status(vp, reply),
+            NodeRequest::VpStatus(name, log_after, reply) => match self.resolve_vp(&name) {
+                Ok(vp) => self.vp_status(vp, log_after, reply),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }

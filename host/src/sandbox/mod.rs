@@ -215,7 +215,17 @@ struct GuestData {
     panic: Option<String>,
     abi_violation: Option<String>,
     log_lines: u32,
+    /// The lines the current call logged (at most `LOG_LINES_PER_CALL_MAX`).
+    captured: Vec<GuestLogLine>,
     label: Arc<str>,
+}
+
+/// A line a guest logged (`vp_guest_sdk::info!` and friends).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestLogLine {
+    /// 0..=4: trace, debug, info, warn, error.
+    pub level: u8,
+    pub text: String,
 }
 
 impl GuestData {
@@ -226,6 +236,7 @@ impl GuestData {
         self.abi_violation = None;
         self.limiter.denied_memory = None;
         self.log_lines = 0;
+        self.captured.clear();
     }
 
     fn violation(&mut self, what: String) -> wasmtime::Error {
@@ -441,6 +452,7 @@ impl Sandbox {
                     }
                     return Ok(());
                 }
+                let level = level.min(abi::LOG_LEVEL_ERROR);
                 match level {
                     0 => tracing::trace!(target: "vp::guest", guest = %data.label, "{line}"),
                     1 => tracing::debug!(target: "vp::guest", guest = %data.label, "{line}"),
@@ -448,6 +460,10 @@ impl Sandbox {
                     3 => tracing::warn!(target: "vp::guest", guest = %data.label, "{line}"),
                     _ => tracing::error!(target: "vp::guest", guest = %data.label, "{line}"),
                 }
+                data.captured.push(GuestLogLine {
+                    level: level as u8,
+                    text: line,
+                });
                 Ok(())
             },
         )?;
@@ -683,6 +699,7 @@ impl Live {
             panic: None,
             abi_violation: None,
             log_lines: 0,
+            captured: Vec::new(),
             label,
         };
         let mut store = Store::new(engine, data);
@@ -963,6 +980,8 @@ pub struct Guest {
     read_save: Vec<u8>,
     failed: Option<String>,
     handled: u64,
+    /// What the last `handle` logged, until `take_log`.
+    logged: Vec<GuestLogLine>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -1101,6 +1120,7 @@ impl Guest {
             read_save: Vec::new(),
             failed: None,
             handled: 0,
+            logged: Vec::new(),
         }
     }
 
@@ -1130,6 +1150,12 @@ impl Guest {
         self.handled
     }
 
+    /// The lines the last `handle` logged (also when it failed: they help
+    /// find out why), leaving none.
+    pub fn take_log(&mut self) -> Vec<GuestLogLine> {
+        std::mem::take(&mut self.logged)
+    }
+
     /// Handle one ordered envelope and return what the guest asks the host to
     /// do. On error the guest is exactly as before the call.
     pub fn handle(&mut self, envelope: &Envelope) -> Result<Vec<Effect>, GuestError> {
@@ -1145,7 +1171,10 @@ impl Guest {
                 max: self.limits.input_bytes_max,
             });
         }
-        let outcome = self.call_handle().and_then(|()| {
+        let called = self.call_handle();
+        // Taken before a roll-back, whose replay would log earlier messages' lines again.
+        self.logged = std::mem::take(&mut self.live.store.data_mut().captured);
+        let outcome = called.and_then(|()| {
             let output = &self.live.store.data().output;
             abi::codec::decode_effects(output)
                 .map_err(|e| GuestError::Abi(format!("effects did not decode: {e}")))

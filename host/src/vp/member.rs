@@ -151,7 +151,8 @@ pub enum MemberEvent {
         dead: HostId,
         why: String,
     },
-    Status(oneshot::Sender<VpStatus>),
+    /// This member's status; with a cursor, also its guest's log lines after it.
+    Status(oneshot::Sender<VpStatus>, Option<super::LogCursor>),
     Digest(oneshot::Sender<Option<StateDigest>>),
     /// Every connection to this host closed (its process died, or the network
     /// between us did): if it led, a new leader is elected as soon as its lease
@@ -431,6 +432,8 @@ pub fn start_member(
         pending: HashMap::new(),
         slots_started: HashMap::new(),
         timings,
+        guest_log: Default::default(),
+        applying: 0,
         digest_memo: None,
         reads: HashMap::new(),
         applied: Slot(0),
@@ -788,6 +791,10 @@ struct Member {
     slots_started: HashMap<u64, std::time::Instant>,
     /// Recent durations `vp-host status` shows.
     timings: Timings,
+    /// What the guest logged lately (`vp-host logs`).
+    guest_log: super::guest_log::GuestLog,
+    /// The slot whose commands are being applied (its log lines' slot).
+    applying: u64,
     /// The last state digest and the (applied slot, messages handled) it is of.
     digest_memo: Option<((Slot, u64), StateDigest)>,
     reads: HashMap<ReadId, Request>,
@@ -1017,8 +1024,12 @@ impl Member {
                 tracing::warn!(%dead, "no replacement found: {why}; will try again");
                 self.replacing = None;
             }
-            MemberEvent::Status(reply) => {
-                let _ = reply.send(self.status());
+            MemberEvent::Status(reply, log_after) => {
+                let mut status = self.status();
+                if let Some(cursor) = log_after {
+                    status.guest_log = self.guest_log.after(cursor);
+                }
+                let _ = reply.send(status);
             }
             MemberEvent::Digest(reply) => {
                 let _ = reply.send(self.state_digest());
@@ -1567,6 +1578,7 @@ impl Member {
                 batch,
                 outcomes,
             } => {
+                self.applying = slot.0;
                 for (i, (cmd, outcome)) in batch.commands.iter().zip(outcomes).enumerate() {
                     let entropy = entropy ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                     self.apply_command(time_ms, entropy, cmd, outcome);
@@ -1645,6 +1657,7 @@ impl Member {
     /// Replace the application state: a fresh guest (empty image at slot 0)
     /// or the guest and host state of a snapshot.
     fn install(&mut self, slot: Slot, membership: Arc<Membership>, app_state: Bytes) {
+        self.guest_log.restart_at(slot.0);
         let started = std::time::Instant::now();
         let result = match self.module.get() {
             Err(why) => Err(why),
@@ -1894,7 +1907,11 @@ impl Member {
             tracing::error!("a decided entry arrived before any state was installed");
             return;
         };
-        match guest.handle(&envelope) {
+        let handled = guest.handle(&envelope);
+        for line in guest.take_log() {
+            self.guest_log.push(self.applying, time_ms, line);
+        }
+        match handled {
             Ok(effects) => {
                 for effect in effects {
                     self.on_effect(effect);
@@ -1985,6 +2002,7 @@ impl Member {
             guest_handled: handled,
             replacing: self.replacing.as_ref().map(|r| host_text(r.dead)),
             timings: self.timings.summary(),
+            guest_log: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! through these pieces.
 
 pub mod directory;
+pub mod guest_log;
 pub mod member;
 pub mod modules;
 pub mod tombstones;
@@ -196,6 +197,33 @@ pub struct VpStatus {
     /// Recent durations measured by the reporting member.
     #[serde(default)]
     pub timings: MemberTimings,
+    /// Lines the guest logged, oldest first: only when asked for
+    /// (`vp-host logs`), those after the cursor asked with.
+    #[serde(default)]
+    pub guest_log: Vec<GuestLogEntry>,
+}
+
+/// Where a guest's log line stands: the slot whose messages wrote it, and
+/// its number among that slot's lines (from 1). Every member logs the same
+/// lines at the same positions, so a reader can move to another member.
+pub type LogCursor = (u64, u32);
+
+/// A line a guest logged while handling a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestLogEntry {
+    pub slot: u64,
+    pub n: u32,
+    /// The message's ordered time (what `ctx.now_ms()` said), ms since the epoch.
+    pub time_ms: u64,
+    /// trace, debug, info, warn or error.
+    pub level: String,
+    pub text: String,
+}
+
+impl GuestLogEntry {
+    pub fn cursor(&self) -> LogCursor {
+        (self.slot, self.n)
+    }
 }
 
 /// Recent durations of the steps of ordering a message, as one member

@@ -133,6 +133,8 @@ pub enum VpWire {
     StatusQuery {
         vp: VpId,
         op: u64,
+        /// Also the guest's log lines after this cursor (`vp-host logs`).
+        log_after: Option<super::LogCursor>,
     },
     StatusReply {
         op: u64,

@@ -1,0 +1,122 @@
+//! The lines a member's guest logged lately (`vp_guest_sdk::info!` and
+//! friends), for `vp-host logs`. Not replicated and not persisted: every
+//! member logs the same lines as it applies the same messages, so any member
+//! can answer; a member that started from a snapshot has only the lines
+//! logged since, and a restarted one those of the log suffix it re-applied.
+
+use std::collections::VecDeque;
+
+use super::{GuestLogEntry, LogCursor};
+use crate::sandbox::GuestLogLine;
+
+/// Lines kept per member, at most.
+pub const GUEST_LOG_LINES_MAX: usize = 1000;
+/// Bytes of text kept per member, at most.
+pub const GUEST_LOG_BYTES_MAX: usize = 256 << 10;
+/// Lines in one answer, at most (the latest of those asked for).
+pub const GUEST_LOG_ANSWER_MAX: usize = 200;
+
+#[derive(Debug, Default)]
+pub struct GuestLog {
+    lines: VecDeque<GuestLogEntry>,
+    bytes: usize,
+    /// The slot of the latest line, and how many lines that slot wrote.
+    at: LogCursor,
+}
+
+impl GuestLog {
+    /// Keep a line the messages of `slot` wrote (slots never go back).
+    pub fn push(&mut self, slot: u64, time_ms: u64, line: GuestLogLine) {
+        self.at = if slot == self.at.0 {
+            (slot, self.at.1 + 1)
+        } else {
+            (slot, 1)
+        };
+        let level = match line.level {
+            0 => "trace",
+            1 => "debug",
+            2 => "info",
+            3 => "warn",
+            _ => "error",
+        };
+        self.bytes += line.text.len();
+        self.lines.push_back(GuestLogEntry {
+            slot,
+            n: self.at.1,
+            time_ms,
+            level: level.to_string(),
+            text: line.text,
+        });
+        while self.lines.len() > GUEST_LOG_LINES_MAX || self.bytes > GUEST_LOG_BYTES_MAX {
+            let Some(old) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.text.len();
+        }
+    }
+
+    /// The lines after `cursor`, oldest first: the latest
+    /// `GUEST_LOG_ANSWER_MAX` of them.
+    pub fn after(&self, cursor: LogCursor) -> Vec<GuestLogEntry> {
+        let first = self.lines.partition_point(|l| l.cursor() <= cursor);
+        let first = first.max(self.lines.len().saturating_sub(GUEST_LOG_ANSWER_MAX));
+        self.lines.range(first..).cloned().collect()
+    }
+
+    /// Forget every line (a snapshot replaced the state they came from).
+    pub fn restart_at(&mut self, slot: u64) {
+        if slot < self.at.0 {
+            self.lines.clear();
+            self.bytes = 0;
+            self.at = (slot, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str) -> GuestLogLine {
+        GuestLogLine {
+            level: 2,
+            text: text.to_string(),
+        }
+    }
+
+    #[test]
+    fn lines_are_numbered_per_slot_read_after_a_cursor_and_bounded() {
+        let mut log = GuestLog::default();
+        log.push(3, 10, line("a"));
+        log.push(3, 10, line("b"));
+        log.push(5, 11, line("c"));
+        let all = log.after((0, 0));
+        let at: Vec<(u64, u32, &str)> =
+            all.iter().map(|l| (l.slot, l.n, l.text.as_str())).collect();
+        assert_eq!(at, vec![(3, 1, "a"), (3, 2, "b"), (5, 1, "c")]);
+        assert_eq!(all[0].level, "info");
+        assert_eq!(log.after((3, 1)).len(), 2);
+        assert_eq!(log.after((5, 1)), vec![]);
+        // An answer holds the latest lines; the store the latest 1,000.
+        for i in 0..1500 {
+            log.push(10 + i / 7, 12, line(&format!("x{i}")));
+        }
+        let tail = log.after((0, 0));
+        assert_eq!(tail.len(), GUEST_LOG_ANSWER_MAX);
+        assert_eq!(tail.last().unwrap().text, "x1499");
+        assert_eq!(log.lines.len(), GUEST_LOG_LINES_MAX);
+        assert_eq!(log.lines[0].text, "x500");
+        // and at most 256 KiB of text
+        let big = "y".repeat(4096);
+        for _ in 0..100 {
+            log.push(1000, 13, line(&big));
+        }
+        assert!(log.bytes <= GUEST_LOG_BYTES_MAX);
+        assert_eq!(log.lines.len(), GUEST_LOG_BYTES_MAX / 4096);
+        // A snapshot from before the latest line starts the count over.
+        log.restart_at(900);
+        assert_eq!(log.after((0, 0)), vec![]);
+        log.push(901, 14, line("z"));
+        assert_eq!(log.after((0, 0))[0].cursor(), (901, 1));
+    }
+}
