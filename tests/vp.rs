@@ -808,6 +808,71 @@ async fn a_replacement_killed_while_catching_up_is_given_up_and_leaves_after_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_host_hands_over_its_members_while_a_client_sends() {
+    let _serial = SERIAL.lock().await;
+    let c = Arc::new(Cluster::start("vp-drain", 5).await);
+    let vp = c.spawn(0, vp_apps::COUNTER, "").await.unwrap();
+    let mut sum = 0;
+    for i in 1..=10 {
+        sum += i;
+        assert_eq!(
+            c.ask(i as usize % 5, &vp, json!({"add": i})).await,
+            json!(sum)
+        );
+    }
+    // The leader's host leaves: the hardest case (it replaces itself).
+    let s = c.wait_voters(0, &vp, 3, &[]).await;
+    let leaving_id = s.leader.clone().unwrap();
+    let leaving = c.index_of(&leaving_id).await.unwrap();
+    let via = (0..5).find(|&i| i != leaving).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (c, vp, stop) = (c.clone(), vp.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut last) = (0i64, Value::Null);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(answer) = c.send(via, &vp, json!({"add": 1})).await
+                    && let Some(total) = answer.reply
+                {
+                    acked += 1;
+                    last = total;
+                }
+            }
+            (acked, last)
+        })
+    };
+    let dir = c.hosts[leaving].data_dir.to_string_lossy().into_owned();
+    let out = tokio::task::spawn_blocking(move || common::run(&["--data-dir", &dir, "drain"], ""))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("member of no virtual peer"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, last) = client.await.unwrap();
+    assert!(acked > 0, "the client got answers while the host left");
+    let s = c.wait_voters(via, &vp, 3, &[leaving_id]).await;
+    let status = c.hosts[leaving].status().await.unwrap();
+    assert!(status.draining);
+    assert!(
+        status.virtual_peers.is_empty(),
+        "{:?}",
+        status.virtual_peers
+    );
+    let copy = c.hosts[leaving].data_dir.join("vps").join(&vp);
+    let gone = wait_for(Duration::from_secs(10), || (!copy.exists()).then_some(())).await;
+    assert!(gone.is_some(), "{} is still there", copy.display());
+    // Nothing lost, nothing applied twice.
+    let total = c.ask(via, &vp, json!("get")).await;
+    assert_eq!(total, json!(sum + acked), "last reply seen: {last}");
+    let states = converged(&c, &vp, &s.voters).await;
+    assert_identical(&states);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_survives_the_callee_leader_being_killed() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-call-kill", 6).await;

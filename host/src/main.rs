@@ -115,6 +115,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Leave gracefully: this host takes no new member, each virtual peer it
+    /// is a member of replaces it while it still votes, and the command
+    /// returns when it runs none; then stop the host (`vp-host join`).
+    Drain {
+        /// Stop waiting after this many seconds (the host keeps draining).
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        timeout: u64,
+    },
     /// Use the skip-graph overlay directly (diagnostics and tests).
     Overlay {
         #[command(subcommand)]
@@ -866,6 +874,49 @@ fn run_destroy(
     Ok(())
 }
 
+/// `vp-host drain`: ask the local host to leave, then wait (printing each
+/// change) until it is a member of no virtual peer.
+fn run_drain(
+    timeout_s: u64,
+    api: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use vp_host::node::api::{DrainAnswer, HostStatus};
+    let client = client(api, data_dir)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let answer: DrainAnswer = client.post("/v1/drain", &()).await?;
+        println!(
+            "leaving: this host takes no new member; handing over its {} membership(s)",
+            answer.memberships
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+        let mut left = answer.memberships;
+        loop {
+            if left == 0 {
+                println!(
+                    "this host is a member of no virtual peer: stop it now (Ctrl-C or SIGTERM to \
+                     `vp-host join`). Started again, it takes members again unless given \
+                     --memberships-max 0"
+                );
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "still a member of {left} virtual peer(s) after {timeout_s} s (the host goes \
+                     on handing them over; `vp-host status` shows them)"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let status: HostStatus = client.get("/v1/status").await?;
+            if status.virtual_peers.len() != left {
+                left = status.virtual_peers.len();
+                println!("{left} membership(s) left");
+            }
+        }
+    })
+}
+
 /// `vp-host logs <vp>`: the app's recent log lines; with `follow`, new ones
 /// each second until interrupted (errors meanwhile are reported and retried).
 fn run_logs(
@@ -1122,6 +1173,10 @@ fn main() -> ExitCode {
         } => {
             init_logging(cli.log_format, "warn");
             run_logs(&vp, follow, after.as_deref(), json, cli.api, &data_dir)
+        }
+        Command::Drain { timeout } => {
+            init_logging(cli.log_format, "warn");
+            run_drain(timeout, cli.api, &data_dir)
         }
         Command::Overlay { which } => {
             init_logging(cli.log_format, "warn");

@@ -1996,9 +1996,36 @@ impl Replica {
                 return;
             }
         }
+        let left = self.leader_hint.filter(|l| !m.is_voter(*l));
+        let contact = self.last_leader_contact;
         self.leader_hint = None;
         self.last_leader_contact = None;
         self.reset_election_timer();
+        // The leader is not a voter of the new epoch (it replaced itself: its
+        // host is leaving) and stepped down on deciding this. As after
+        // `suspect`, the first voter after it in id order runs once its lease
+        // has surely ended, rather than after the election timeout. Only a
+        // voter of both epochs is picked: one just promoted from learner may
+        // not have followed the old leader, so may not know it left.
+        if let Some(old_leader) = left
+            && m.is_voter(self.cfg.id)
+        {
+            self.leader_suspected = true;
+            let first = m
+                .voters
+                .iter()
+                .filter(|v| old.is_voter(**v))
+                .min_by_key(|v| (v.0 <= old_leader.0, v.0));
+            if first == Some(&self.cfg.id) {
+                let at = contact
+                    .map_or(self.now, |t| {
+                        t.plus_us(self.sticky_window_us())
+                            .plus_us(self.cfg.timing.heartbeat_interval_us)
+                    })
+                    .max(self.now);
+                self.election_deadline = self.election_deadline.min(at);
+            }
+        }
     }
 
     // ----- heartbeats, leases, reads ----------------------------------------------------

@@ -401,6 +401,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
                 room: true,
             },
         ),
+        ("drain", VpWire::Drain { vp }),
         (
             "status-query",
             VpWire::StatusQuery {

@@ -44,6 +44,17 @@ pub enum NodeRequest {
         oneshot::Sender<Result<VpStatus, String>>,
     ),
     VpDigest(String, oneshot::Sender<Result<String, String>>),
+    /// This host is leaving (`POST /v1/drain`): answers how many virtual
+    /// peers it is a member of still.
+    Drain(oneshot::Sender<DrainAnswer>),
+}
+
+/// `POST /v1/drain`: the host takes no new member and asks each of its
+/// virtual peers' leaders to replace it; it is done when `memberships` (as
+/// `GET /v1/status` counts them in `virtual_peers`) is 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrainAnswer {
+    pub memberships: usize,
 }
 
 /// Where the answer to one send goes.
@@ -140,6 +151,9 @@ pub struct HostStatus {
     pub virtual_peers: Vec<VpStatus>,
     /// The most it takes (`vp-host join --memberships-max`).
     pub memberships_max: usize,
+    /// Leaving (`vp-host drain`): takes no new member, hands over the ones it has.
+    #[serde(default)]
+    pub draining: bool,
     /// The sum of its members' guest memory limits (`spawn --memory-max`).
     pub guest_memory_committed: u64,
     /// The most that sum may reach (`vp-host join --guest-memory-max`).
@@ -335,6 +349,10 @@ async fn destroy(
     ask(&tx, |r| NodeRequest::Destroy(vp, r)).await?.map(Json)
 }
 
+async fn drain(State(tx): State<Tx>) -> Result<Json<DrainAnswer>, ApiError> {
+    Ok(Json(ask(&tx, NodeRequest::Drain).await?))
+}
+
 async fn vp_list(State(tx): State<Tx>) -> Result<Json<Vec<VpStatus>>, ApiError> {
     Ok(Json(ask(&tx, NodeRequest::VpList).await?))
 }
@@ -388,6 +406,7 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/overlay/keys", post(insert_key))
         .route("/v1/overlay/keys/remove", post(remove_key))
         .route("/v1/vps", get(vp_list).post(spawn))
+        .route("/v1/drain", post(drain))
         .route("/v1/vps/{vp}", get(vp_status).delete(destroy))
         .route("/v1/vps/{vp}/send", post(send))
         .route("/v1/vps/{vp}/stream", get(super::stream::route))

@@ -541,6 +541,7 @@ impl Node {
                 let host_id = format!("{:016x}", self.me.host.0);
                 let member_status = self.member_statuses();
                 let memberships_max = self.memberships_max();
+                let draining = self.vps.draining.is_some();
                 let guest_memory = (self.guest_memory_committed(), self.cfg.guest_memory_max);
                 tokio::spawn(async move {
                     let mut virtual_peers = Vec::new();
@@ -562,6 +563,7 @@ impl Node {
                             overlay,
                             virtual_peers,
                             memberships_max,
+                            draining,
                             guest_memory_committed: guest_memory.0,
                             guest_memory_max: guest_memory.1,
                         });
@@ -575,7 +577,8 @@ impl Node {
             | NodeRequest::Resolve(..)
             | NodeRequest::VpList(..)
             | NodeRequest::VpStatus(..)
-            | NodeRequest::VpDigest(..) => self.on_vp_request(request),
+            | NodeRequest::VpDigest(..)
+            | NodeRequest::Drain(..) => self.on_vp_request(request),
             NodeRequest::Search(req, reply) => {
                 match self.alm.search(now, Key::new(req.key.into_bytes())) {
                     Ok(op) => {

@@ -189,6 +189,9 @@ pub fn not_found_text(vp: VpId) -> String {
     )
 }
 
+/// A leaving host asks its virtual peers' leaders to replace it this often.
+const DRAIN_ASK_EVERY: Duration = Duration::from_secs(1);
+
 /// Removes and returns the keys of `map` whose instant has come.
 fn take_due(map: &mut HashMap<VpId, Instant>, now: Instant) -> Vec<VpId> {
     let due: Vec<VpId> = map
@@ -320,6 +323,9 @@ pub struct VpNode {
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
     destroying: HashMap<VpId, Instant>,
+    /// Since when this host is leaving (`vp-host drain`), and when it last
+    /// asked its virtual peers' leaders to replace it.
+    pub(super) draining: Option<(Instant, Instant)>,
     /// Members found on disk whose module could not be fetched yet: tried
     /// again at the instant given (`RESTART_RETRY` apart).
     restart_retry: HashMap<VpId, Instant>,
@@ -371,6 +377,7 @@ impl VpNode {
             destroyed_seen: HashSet::new(),
             destroying: HashMap::new(),
             restart_retry: HashMap::new(),
+            draining: None,
             modules_collected: None,
             directory: Directory::default(),
             members: Members::default(),
@@ -844,6 +851,11 @@ impl Node {
                     self.sample_tick(Instant::now());
                 }
             }
+            VpWire::Drain { vp } => {
+                if let Some(m) = self.vps.members.get(&vp) {
+                    m.send(MemberEvent::Drain(consensus_host(host_id_of(&from))));
+                }
+            }
             VpWire::StatusQuery { vp, op, log_after } => {
                 let (tx, rx) = oneshot::channel();
                 if let Some(tx) = self.local_vp_status(vp, log_after, tx) {
@@ -1227,6 +1239,22 @@ impl Node {
         self.vps.empty.entry(vp).or_insert_with(Instant::now);
     }
 
+    /// Leaving: once a second, ask each virtual peer this host is a member of
+    /// to replace it (through its own member: it leads, or knows who does).
+    fn drain_tick(&mut self, now: Instant) {
+        let Some((since, asked)) = self.vps.draining else {
+            return;
+        };
+        if now.duration_since(asked) < DRAIN_ASK_EVERY && asked != since {
+            return;
+        }
+        self.vps.draining = Some((since, now));
+        let me = consensus_host(self.me.host);
+        for m in self.vps.members.values() {
+            m.send(MemberEvent::Drain(me));
+        }
+    }
+
     /// Answer every status query waiting for `vp` with `why`.
     fn fail_status_queries(&mut self, vp: VpId, why: &str) {
         let ops: Vec<u64> = self
@@ -1405,6 +1433,7 @@ impl Node {
             self.try_request(key);
         }
         self.fail_not_found(now);
+        self.drain_tick(now);
         self.sample_tick(now);
         if self
             .vps
@@ -1557,6 +1586,9 @@ impl Node {
     /// Whether this host takes a member of one more virtual peer, whose
     /// guest may grow to `memory_bytes`; if not, why.
     fn room_for(&self, memory_bytes: u64) -> Result<(), String> {
+        if self.vps.draining.is_some() {
+            return Err("this host is leaving (vp-host drain)".into());
+        }
         if self.vps.members.len() >= self.memberships_max() {
             return Err(format!(
                 "this host runs members of {} virtual peers, its limit (--memberships-max {})",
@@ -2235,6 +2267,19 @@ impl Node {
                         }
                     }
                     let _ = reply.send(list);
+                });
+            }
+            NodeRequest::Drain(reply) => {
+                if self.vps.draining.is_none() {
+                    let now = Instant::now();
+                    tracing::info!(
+                        memberships = self.vps.members.len(),
+                        "leaving: taking no new member, asking each virtual peer to replace this host"
+                    );
+                    self.vps.draining = Some((now, now));
+                }
+                let _ = reply.send(super::api::DrainAnswer {
+                    memberships: self.vps.members.len(),
                 });
             }
             NodeRequest::VpStatus(name, log_after, reply) => match self.resolve_vp(&name) {

@@ -161,6 +161,9 @@ pub enum MemberEvent {
     /// `host` says this virtual peer was destroyed (it has its tombstone):
     /// believed from a voter of this member's configuration only.
     PeerDestroyed(HostId),
+    /// `host` is leaving (`vp-host drain`): a leader replaces it as it would
+    /// a dead member, while it still votes (no window with one member fewer).
+    Drain(HostId),
     /// The storage thread made everything up to this token durable.
     Persisted(u64),
     /// The storage thread failed (fail-stop).
@@ -1046,6 +1049,7 @@ impl Member {
                     tracing::debug!(%host, "ignored a destroyed notice from a host that is not a voter");
                 }
             }
+            MemberEvent::Drain(host) => self.on_drain(now, host),
             MemberEvent::Stop => self.stopped = true,
         }
     }
@@ -1378,22 +1382,54 @@ impl Member {
             });
         if let Some((dead, silence)) = dead {
             tracing::info!(%dead, silent_ms = silence / 1000, connections_closed = self.down.contains_key(&dead), "member is silent; finding a replacement");
-            self.replacing = Some(Replacement {
-                dead,
-                new: None,
-                started: now,
-            });
-            let members = self.membership.all_hosts().collect();
-            self.tell_node(MemberOutput::FindReplacement {
-                vp: self.vp(),
-                dead,
-                members,
-            });
-            // Checkpoint now, while the node finds a host and deploys the
-            // module there: the snapshot the new member receives is ready
-            // when that host is.
-            self.checkpoint(true);
+            self.start_replacing(now, dead);
         }
+    }
+
+    /// Find a host to take `old`'s place (the node places and deploys it).
+    fn start_replacing(&mut self, now: Time, old: HostId) {
+        self.replacing = Some(Replacement {
+            dead: old,
+            new: None,
+            started: now,
+        });
+        let members = self.membership.all_hosts().collect();
+        self.tell_node(MemberOutput::FindReplacement {
+            vp: self.vp(),
+            dead: old,
+            members,
+        });
+        // Checkpoint now, while the node finds a host and deploys the
+        // module there: the snapshot the new member receives is ready
+        // when that host is.
+        self.checkpoint(true);
+    }
+
+    /// A voter's host is leaving: the leader replaces it now (its host asks
+    /// again every second until it is no longer a member, so a request that
+    /// finds a replacement under way is dropped). On the leaving host's own
+    /// member, when it does not lead, the request goes on to the leader.
+    fn on_drain(&mut self, now: Time, host: HostId) {
+        if !self.replica.is_leader() {
+            // This host is the one leaving: tell the leader.
+            if host == self.ctx.me
+                && let Some((leader, contact)) = self.leader_contact()
+                && leader != self.ctx.me
+            {
+                self.send_to_peer(&contact, VpWire::Drain { vp: self.vp() });
+            }
+            return;
+        }
+        if !self.membership.is_voter(host)
+            || self.replacing.is_some()
+            || !self.membership.learners.is_empty()
+            || self.destroyed
+            || self.guest.is_none()
+        {
+            return;
+        }
+        tracing::info!(%host, "a member's host is leaving (vp-host drain); replacing it");
+        self.start_replacing(now, host);
     }
 
     fn on_replacement_ready(&mut self, now: Time, dead: HostId, new: HostId) {

@@ -129,6 +129,11 @@ pub enum VpWire {
         /// `--guest-memory-max`).
         room: bool,
     },
+    /// The sender's host is leaving (`vp-host drain`): to `vp`'s leader,
+    /// which replaces it while it still votes. Asked again every second.
+    Drain {
+        vp: VpId,
+    },
     /// The status of `vp`, asked of its leader by a host that is not a member.
     StatusQuery {
         vp: VpId,
