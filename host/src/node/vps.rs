@@ -194,15 +194,19 @@ const DRAIN_ASK_EVERY: Duration = Duration::from_secs(1);
 
 /// Removes and returns the keys of `map` whose instant has come.
 fn take_due(map: &mut HashMap<VpId, Instant>, now: Instant) -> Vec<VpId> {
-    let due: Vec<VpId> = map
-        .iter()
-        .filter(|(_, at)| **at <= now)
-        .map(|(vp, _)| *vp)
-        .collect();
+    let due = keys_where(map, |at| *at <= now);
     for vp in &due {
         map.remove(vp);
     }
     due
+}
+
+/// The keys of `map` whose value satisfies `pred`.
+fn keys_where<K: Copy, V>(map: &HashMap<K, V>, pred: impl Fn(&V) -> bool) -> Vec<K> {
+    map.iter()
+        .filter(|(_, v)| pred(v))
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 /// What waits for a module being fetched.
@@ -1257,14 +1261,7 @@ impl Node {
 
     /// Answer every status query waiting for `vp` with `why`.
     fn fail_status_queries(&mut self, vp: VpId, why: &str) {
-        let ops: Vec<u64> = self
-            .vps
-            .status_queries
-            .iter()
-            .filter(|(_, q)| q.vp == vp)
-            .map(|(op, _)| *op)
-            .collect();
-        for op in ops {
+        for op in keys_where(&self.vps.status_queries, |q| q.vp == vp) {
             if let Some(q) = self.vps.status_queries.remove(&op) {
                 let _ = q.reply.send(Err(why.to_string()));
             }
@@ -1273,13 +1270,9 @@ impl Node {
 
     /// Fail what waits for virtual peers found nowhere for `NOT_FOUND_AFTER`.
     fn fail_not_found(&mut self, now: Instant) {
-        let gone: Vec<VpId> = self
-            .vps
-            .empty
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= NOT_FOUND_AFTER)
-            .map(|(vp, _)| *vp)
-            .collect();
+        let gone = keys_where(&self.vps.empty, |since| {
+            now.duration_since(*since) >= NOT_FOUND_AFTER
+        });
         for vp in gone {
             self.vps.empty.remove(&vp);
             let keys: Vec<_> = self
@@ -1406,13 +1399,7 @@ impl Node {
     /// Retry what is due; fail what is too old; expire other operations.
     pub(super) fn vp_tick(&mut self) {
         let now = Instant::now();
-        let due: Vec<_> = self
-            .vps
-            .outstanding
-            .iter()
-            .filter(|(_, o)| o.next_try <= now)
-            .map(|(k, _)| *k)
-            .collect();
+        let due = keys_where(&self.vps.outstanding, |o| o.next_try <= now);
         for key in due {
             let Some(o) = self.vps.outstanding.get(&key) else {
                 continue;
@@ -1453,13 +1440,7 @@ impl Node {
         }
         self.vps.deploys.retain(|_, (_, deadline)| *deadline > now);
         self.vps.gone.retain(|_, t| t.elapsed() < GONE_FORGET);
-        let expired: Vec<u64> = self
-            .vps
-            .status_queries
-            .iter()
-            .filter(|(_, q)| q.deadline <= now)
-            .map(|(op, _)| *op)
-            .collect();
+        let expired = keys_where(&self.vps.status_queries, |q| q.deadline <= now);
         for op in expired {
             if let Some(StatusQuery { vp, reply, .. }) = self.vps.status_queries.remove(&op) {
                 let _ = reply.send(Err(format!(
@@ -1474,13 +1455,7 @@ impl Node {
         for vp in take_due(&mut self.vps.restart_retry, now) {
             self.restart_member(vp);
         }
-        let expired: Vec<ModuleHash> = self
-            .vps
-            .fetches
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(h, _)| *h)
-            .collect();
+        let expired = keys_where(&self.vps.fetches, |f| f.deadline <= now);
         for hash in expired {
             if let Some(fetch) = self.vps.fetches.remove(&hash) {
                 for waiter in fetch.waiting {
@@ -1490,13 +1465,7 @@ impl Node {
         }
         // A silent source: the next one, or (the only one) asked again
         // where the transfer stopped.
-        let quiet: Vec<ModuleHash> = self
-            .vps
-            .fetches
-            .iter()
-            .filter(|(_, f)| f.quiet_until <= now)
-            .map(|(h, _)| *h)
-            .collect();
+        let quiet = keys_where(&self.vps.fetches, |f| f.quiet_until <= now);
         for hash in quiet {
             let Some(fetch) = self.vps.fetches.get_mut(&hash) else {
                 continue;
