@@ -658,6 +658,11 @@ fn run_status(
             format!("{} MiB", status.guest_memory_max >> 20)
         }
     );
+    if status.draining {
+        println!(
+            "          draining (vp-host drain): takes no new member, hands over the ones it has"
+        );
+    }
     for vp in &status.virtual_peers {
         let name = vp
             .name
