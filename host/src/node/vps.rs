@@ -997,13 +997,7 @@ impl Node {
     /// success, anything else with the error), and forget its leader,
     /// members and name.
     fn forget_destroyed(&mut self, vp: VpId) {
-        let keys: Vec<_> = self
-            .vps
-            .outstanding
-            .keys()
-            .filter(|k| k.0 == vp)
-            .copied()
-            .collect();
+        let keys = self.outstanding_for(vp);
         for key in keys {
             let Some(o) = self.vps.outstanding.remove(&key) else {
                 continue;
@@ -1275,13 +1269,7 @@ impl Node {
         });
         for vp in gone {
             self.vps.empty.remove(&vp);
-            let keys: Vec<_> = self
-                .vps
-                .outstanding
-                .keys()
-                .filter(|k| k.0 == vp)
-                .copied()
-                .collect();
+            let keys = self.outstanding_for(vp);
             if keys.is_empty() && !self.vps.status_queries.values().any(|q| q.vp == vp) {
                 continue;
             }
@@ -1359,14 +1347,18 @@ impl Node {
         }
     }
 
-    fn flush_outstanding(&mut self, vp: VpId) {
-        let keys: Vec<_> = self
-            .vps
+    /// The requests waiting for `vp`.
+    fn outstanding_for(&self, vp: VpId) -> Vec<(VpId, ClientId, u64)> {
+        self.vps
             .outstanding
             .keys()
             .filter(|k| k.0 == vp)
             .copied()
-            .collect();
+            .collect()
+    }
+
+    fn flush_outstanding(&mut self, vp: VpId) {
+        let keys = self.outstanding_for(vp);
         for key in keys {
             self.try_request(key);
         }
