@@ -944,6 +944,9 @@ fn run_logs(
             let path = format!("/v1/vps/{vp}/logs?after={}.{}", cursor.0, cursor.1);
             match client.get::<LogsAnswer>(&path).await {
                 Ok(answer) => {
+                    if answer.skipped > 0 {
+                        eprintln!("({} earlier line(s) not shown)", answer.skipped);
+                    }
                     for line in &answer.lines {
                         if json {
                             println!("{}", serde_json::to_string(line)?);

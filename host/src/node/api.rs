@@ -107,6 +107,10 @@ pub struct LogsAnswer {
     pub vp: String,
     pub host: String,
     pub lines: Vec<crate::vp::GuestLogEntry>,
+    /// Lines after the cursor asked that this answer leaves out (it holds
+    /// the latest 200): ask again sooner to see every line.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 /// The query of `GET /v1/vps/{vp}/logs`.
@@ -383,6 +387,7 @@ async fn vp_logs(
         vp: status.vp,
         host: status.host,
         lines: status.guest_log,
+        skipped: status.guest_log_skipped,
     }))
 }
 

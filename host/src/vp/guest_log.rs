@@ -56,11 +56,13 @@ impl GuestLog {
     }
 
     /// The lines after `cursor`, oldest first: the latest
-    /// `GUEST_LOG_ANSWER_MAX` of them.
-    pub fn after(&self, cursor: LogCursor) -> Vec<GuestLogEntry> {
-        let first = self.lines.partition_point(|l| l.cursor() <= cursor);
-        let first = first.max(self.lines.len().saturating_sub(GUEST_LOG_ANSWER_MAX));
-        self.lines.range(first..).cloned().collect()
+    /// `GUEST_LOG_ANSWER_MAX` of them, and how many kept lines after
+    /// `cursor` that leaves out.
+    pub fn after(&self, cursor: LogCursor) -> (Vec<GuestLogEntry>, u64) {
+        let after = self.lines.partition_point(|l| l.cursor() <= cursor);
+        let first = after.max(self.lines.len().saturating_sub(GUEST_LOG_ANSWER_MAX));
+        let lines = self.lines.range(first..).cloned().collect();
+        (lines, (first - after) as u64)
     }
 
     /// Forget every line (a snapshot replaced the state they came from).
@@ -90,19 +92,21 @@ mod tests {
         log.push(3, 10, line("a"));
         log.push(3, 10, line("b"));
         log.push(5, 11, line("c"));
-        let all = log.after((0, 0));
+        let (all, skipped) = log.after((0, 0));
+        assert_eq!(skipped, 0);
         let at: Vec<(u64, u32, &str)> =
             all.iter().map(|l| (l.slot, l.n, l.text.as_str())).collect();
         assert_eq!(at, vec![(3, 1, "a"), (3, 2, "b"), (5, 1, "c")]);
         assert_eq!(all[0].level, "info");
-        assert_eq!(log.after((3, 1)).len(), 2);
-        assert_eq!(log.after((5, 1)), vec![]);
+        assert_eq!(log.after((3, 1)).0.len(), 2);
+        assert_eq!(log.after((5, 1)), (vec![], 0));
         // An answer holds the latest lines; the store the latest 1,000.
         for i in 0..1500 {
             log.push(10 + i / 7, 12, line(&format!("x{i}")));
         }
-        let tail = log.after((0, 0));
+        let (tail, skipped) = log.after((0, 0));
         assert_eq!(tail.len(), GUEST_LOG_ANSWER_MAX);
+        assert_eq!(skipped, (GUEST_LOG_LINES_MAX - GUEST_LOG_ANSWER_MAX) as u64);
         assert_eq!(tail.last().unwrap().text, "x1499");
         assert_eq!(log.lines.len(), GUEST_LOG_LINES_MAX);
         assert_eq!(log.lines[0].text, "x500");
@@ -115,8 +119,8 @@ mod tests {
         assert_eq!(log.lines.len(), GUEST_LOG_BYTES_MAX / 4096);
         // A snapshot from before the latest line starts the count over.
         log.restart_at(900);
-        assert_eq!(log.after((0, 0)), vec![]);
+        assert_eq!(log.after((0, 0)), (vec![], 0));
         log.push(901, 14, line("z"));
-        assert_eq!(log.after((0, 0))[0].cursor(), (901, 1));
+        assert_eq!(log.after((0, 0)).0[0].cursor(), (901, 1));
     }
 }

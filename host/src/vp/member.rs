@@ -1030,7 +1030,7 @@ impl Member {
             MemberEvent::Status(reply, log_after) => {
                 let mut status = self.status();
                 if let Some(cursor) = log_after {
-                    status.guest_log = self.guest_log.after(cursor);
+                    (status.guest_log, status.guest_log_skipped) = self.guest_log.after(cursor);
                 }
                 let _ = reply.send(status);
             }
@@ -2039,6 +2039,7 @@ impl Member {
             replacing: self.replacing.as_ref().map(|r| host_text(r.dead)),
             timings: self.timings.summary(),
             guest_log: Vec::new(),
+            guest_log_skipped: 0,
         }
     }
 }

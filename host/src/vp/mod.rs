@@ -201,6 +201,9 @@ pub struct VpStatus {
     /// (`vp-host logs`), those after the cursor asked with.
     #[serde(default)]
     pub guest_log: Vec<GuestLogEntry>,
+    /// Lines after that cursor left out of `guest_log` (it holds the latest 200).
+    #[serde(default)]
+    pub guest_log_skipped: u64,
 }
 
 /// Where a guest's log line stands: the slot whose messages wrote it, and
