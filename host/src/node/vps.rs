@@ -327,9 +327,9 @@ pub struct VpNode {
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
     destroying: HashMap<VpId, Instant>,
-    /// Since when this host is leaving (`vp-host drain`), and when it last
-    /// asked its virtual peers' leaders to replace it.
-    pub(super) draining: Option<(Instant, Instant)>,
+    /// This host is leaving (`vp-host drain`): when it last asked its
+    /// virtual peers to replace it.
+    pub(super) draining: Option<Instant>,
     /// Members found on disk whose module could not be fetched yet: tried
     /// again at the instant given (`RESTART_RETRY` apart).
     restart_retry: HashMap<VpId, Instant>,
@@ -1240,13 +1240,17 @@ impl Node {
     /// Leaving: once a second, ask each virtual peer this host is a member of
     /// to replace it (through its own member: it leads, or knows who does).
     fn drain_tick(&mut self, now: Instant) {
-        let Some((since, asked)) = self.vps.draining else {
-            return;
-        };
-        if now.duration_since(asked) < DRAIN_ASK_EVERY && asked != since {
-            return;
+        if self
+            .vps
+            .draining
+            .is_some_and(|asked| now.duration_since(asked) >= DRAIN_ASK_EVERY)
+        {
+            self.ask_to_be_replaced(now);
         }
-        self.vps.draining = Some((since, now));
+    }
+
+    fn ask_to_be_replaced(&mut self, now: Instant) {
+        self.vps.draining = Some(now);
         let me = consensus_host(self.me.host);
         for m in self.vps.members.values() {
             m.send(MemberEvent::Drain(me));
@@ -2232,12 +2236,11 @@ impl Node {
             }
             NodeRequest::Drain(reply) => {
                 if self.vps.draining.is_none() {
-                    let now = Instant::now();
                     tracing::info!(
                         memberships = self.vps.members.len(),
                         "leaving: taking no new member, asking each virtual peer to replace this host"
                     );
-                    self.vps.draining = Some((now, now));
+                    self.ask_to_be_replaced(Instant::now());
                 }
                 let _ = reply.send(super::api::DrainAnswer {
                     memberships: self.vps.members.len(),
