@@ -854,7 +854,9 @@ async fn a_draining_host_hands_over_its_members_while_a_client_sends() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, last) = client.await.unwrap();
     assert!(acked > 0, "the client got answers while the host left");
-    let s = c.wait_voters(via, &vp, 3, &[leaving_id]).await;
+    let s = c
+        .wait_voters(via, &vp, 3, std::slice::from_ref(&leaving_id))
+        .await;
     let status = c.hosts[leaving].status().await.unwrap();
     assert!(status.draining);
     assert!(
@@ -870,6 +872,68 @@ async fn a_draining_host_hands_over_its_members_while_a_client_sends() {
     assert_eq!(total, json!(sum + acked), "last reply seen: {last}");
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
+
+    // The sole member of a one-member virtual peer leaves too: its state moves.
+    let solo = c
+        .spawn_with(via, vp_apps::COUNTER, "members=1")
+        .await
+        .unwrap();
+    assert_eq!(c.ask(via, &solo, json!({"add": 7})).await, json!(7));
+    let s = c.wait_voters(via, &solo, 1, &[]).await;
+    let solo_host = s.voters[0].clone();
+    assert_ne!(solo_host, leaving_id, "a leaving host took a member");
+    let solo_index = c.index_of(&solo_host).await.unwrap();
+    let dir = c.hosts[solo_index].data_dir.to_string_lossy().into_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::run(&["--data-dir", &dir, "drain", "--timeout", "60"], "")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = c
+        .wait_voters(via, &solo, 1, std::slice::from_ref(&solo_host))
+        .await;
+    assert_ne!(s.voters[0], leaving_id);
+    assert_eq!(c.ask(via, &solo, json!("get")).await, json!(7));
+
+    // Leaving lasts across a restart (SIGKILL, then the same data directory)...
+    let mut c = Arc::into_inner(c).expect("the client task ended");
+    c.restart(leaving).await;
+    assert!(c.hosts[leaving].status().await.unwrap().draining);
+    let solo_dir = c.hosts[solo_index].data_dir.to_string_lossy().into_owned();
+    let out = common::run(&["--data-dir", &solo_dir, "drain", "--cancel"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c.hosts[solo_index].status().await.unwrap().draining);
+    // ...so a deployment needing every host finds one short,
+    let err = c
+        .spawn_with(via, vp_apps::COUNTER, "members=5")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("found only 4"), "{err:#}");
+    // until the host stays after all.
+    let dir = c.hosts[leaving].data_dir.to_string_lossy().into_owned();
+    let out = common::run(&["--data-dir", &dir, "drain", "--cancel"], "");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("staying"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c.hosts[leaving].status().await.unwrap().draining);
+    assert!(!c.hosts[leaving].data_dir.join("draining").exists());
+    let all = c
+        .spawn_with(via, vp_apps::COUNTER, "members=5")
+        .await
+        .unwrap();
+    let s = c.wait_voters(via, &all, 5, &[]).await;
+    assert!(s.voters.contains(&leaving_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -287,10 +287,14 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     drop(file);
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(&dir)
+    sync_dir(&dir)
+}
+
+/// Make the entries of `dir` (a rename, a removal) durable.
+pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
-    Ok(())
+        .with_context(|| format!("cannot sync {}", dir.display()))
 }
 
 #[cfg(test)]

@@ -117,11 +117,16 @@ enum Command {
     },
     /// Leave gracefully: this host takes no new member, each virtual peer it
     /// is a member of replaces it while it still votes, and the command
-    /// returns when it runs none; then stop the host (`vp-host join`).
+    /// returns when it runs none; then stop the host (`vp-host join`). The host
+    /// keeps leaving if restarted, until `vp-host drain --cancel`.
     Drain {
         /// Stop waiting after this many seconds (the host keeps draining).
         #[arg(long, default_value_t = 600, value_name = "SECONDS")]
         timeout: u64,
+        /// Stay after all: the host takes members again (the members it has
+        /// handed over stay where they went).
+        #[arg(long, conflicts_with = "timeout")]
+        cancel: bool,
     },
     /// Use the skip-graph overlay directly (diagnostics and tests).
     Overlay {
@@ -901,8 +906,8 @@ fn run_drain(
             if left == 0 {
                 println!(
                     "this host is a member of no virtual peer: stop it now (Ctrl-C or SIGTERM to \
-                     `vp-host join`). Started again, it takes members again unless given \
-                     --memberships-max 0"
+                     `vp-host join`). Started again with this data directory, it goes on \
+                     leaving until `vp-host drain --cancel`"
                 );
                 return Ok(());
             }
@@ -920,6 +925,18 @@ fn run_drain(
             }
         }
     })
+}
+
+/// `vp-host drain --cancel`: the local host takes members again.
+fn run_stay(api: Option<std::net::SocketAddr>, data_dir: &std::path::Path) -> Result<()> {
+    use vp_host::node::api::DrainAnswer;
+    let client = client(api, data_dir)?;
+    let answer: DrainAnswer = runtime()?.block_on(client.delete("/v1/drain"))?;
+    println!(
+        "staying: this host takes members again; it is a member of {} virtual peer(s)",
+        answer.memberships
+    );
+    Ok(())
 }
 
 /// `vp-host logs <vp>`: the app's recent log lines; with `follow`, new ones
@@ -942,8 +959,10 @@ fn run_logs(
     rt.block_on(async {
         loop {
             let path = format!("/v1/vps/{vp}/logs?after={}.{}", cursor.0, cursor.1);
+            let mut full = false;
             match client.get::<LogsAnswer>(&path).await {
                 Ok(answer) => {
+                    full = answer.lines.len() >= vp_host::vp::guest_log::GUEST_LOG_ANSWER_MAX;
                     if answer.skipped > 0 {
                         eprintln!("({} earlier line(s) not shown)", answer.skipped);
                     }
@@ -965,6 +984,10 @@ fn run_logs(
                 }
                 Err(e) if follow => eprintln!("{e:#}; trying again"),
                 Err(e) => return Err(e),
+            }
+            if full {
+                // there may be more after the last line: the next page at once
+                continue;
             }
             if !follow {
                 return Ok(());
@@ -1182,7 +1205,11 @@ fn main() -> ExitCode {
             init_logging(cli.log_format, "warn");
             run_logs(&vp, follow, after.as_deref(), json, cli.api, &data_dir)
         }
-        Command::Drain { timeout } => {
+        Command::Drain { cancel: true, .. } => {
+            init_logging(cli.log_format, "warn");
+            run_stay(cli.api, &data_dir)
+        }
+        Command::Drain { timeout, .. } => {
             init_logging(cli.log_format, "warn");
             run_drain(timeout, cli.api, &data_dir)
         }

@@ -154,6 +154,12 @@ impl Cluster {
             .await
     }
 
+    /// Deploy `wasm` through host `via` with the spawn route's whole query
+    /// string (e.g. `members=1`). Returns the virtual peer's id.
+    pub async fn spawn_with(&self, via: usize, wasm: &[u8], query: &str) -> anyhow::Result<String> {
+        self.inner.spawn(via, wasm, query, |_| {}).await
+    }
+
     /// Send `msg` to `vp` through host `via`.
     pub async fn send(
         &self,

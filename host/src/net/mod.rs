@@ -47,6 +47,7 @@ use libp2p::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use frame::{FrameError, encode_frame, read_frame, write_frames};
 
@@ -760,13 +761,13 @@ async fn accept_task<M: DeserializeOwned + Send + 'static>(
     route: Arc<std::sync::OnceLock<Route<M>>>,
 ) {
     while let Some((peer, stream)) = incoming.next().await {
-        tokio::spawn(reader_task(
-            peer,
-            stream,
-            events.clone(),
-            inner.clone(),
-            route.clone(),
-        ));
+        // `instrument`, not a span entered inside the task: a guard held
+        // across an await stays entered on the worker thread while other
+        // tasks run there, and their lines would carry this peer.
+        tokio::spawn(
+            reader_task(peer, stream, events.clone(), inner.clone(), route.clone())
+                .instrument(tracing::debug_span!("stream", %peer)),
+        );
     }
 }
 
@@ -777,8 +778,6 @@ async fn reader_task<M: DeserializeOwned + Send + 'static>(
     inner: std::sync::Weak<Inner>,
     route: Arc<std::sync::OnceLock<Route<M>>>,
 ) {
-    let span = tracing::debug_span!("stream", %peer);
-    let _guard = span.enter();
     let mut buf = Vec::new();
     loop {
         match read_frame::<M>(&mut stream, &mut buf).await {

@@ -44,14 +44,19 @@ pub enum NodeRequest {
         oneshot::Sender<Result<VpStatus, String>>,
     ),
     VpDigest(String, oneshot::Sender<Result<String, String>>),
-    /// This host is leaving (`POST /v1/drain`): answers how many virtual
-    /// peers it is a member of still.
-    Drain(oneshot::Sender<DrainAnswer>),
+    /// This host is leaving (`POST /v1/drain`, `stay` false) or stays after
+    /// all (`DELETE /v1/drain`, `stay` true): answers how many virtual peers
+    /// it is a member of still. Either is saved in the data directory first.
+    Drain {
+        stay: bool,
+        reply: oneshot::Sender<Result<DrainAnswer, String>>,
+    },
 }
 
 /// `POST /v1/drain`: the host takes no new member and asks each of its
 /// virtual peers' leaders to replace it; it is done when `memberships` (as
-/// `GET /v1/status` counts them in `virtual_peers`) is 0.
+/// `GET /v1/status` counts them in `virtual_peers`) is 0. The host keeps
+/// leaving across restarts until `DELETE /v1/drain`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DrainAnswer {
     pub memberships: usize,
@@ -100,15 +105,16 @@ pub struct DestroyAnswer {
     pub already: bool,
 }
 
-/// `GET /v1/vps/{vp}/logs?after=SLOT.N`: the guest's log lines after that
-/// cursor (all kept, by default), oldest first, as the member `host` has them.
+/// `GET /v1/vps/{vp}/logs?after=SLOT.N`: the guest's log lines, oldest
+/// first, as the member `host` has them, at most 200: without a cursor the
+/// latest ones; after a cursor the next ones (a full answer means there may
+/// be more: ask again after its last line).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogsAnswer {
     pub vp: String,
     pub host: String,
     pub lines: Vec<crate::vp::GuestLogEntry>,
-    /// Lines after the cursor asked that this answer leaves out (it holds
-    /// the latest 200): ask again sooner to see every line.
+    /// Without a cursor: the kept lines before these that the answer leaves out.
     #[serde(default)]
     pub skipped: u64,
 }
@@ -354,7 +360,17 @@ async fn destroy(
 }
 
 async fn drain(State(tx): State<Tx>) -> Result<Json<DrainAnswer>, ApiError> {
-    Ok(Json(ask(&tx, NodeRequest::Drain).await?))
+    ask(&tx, |reply| NodeRequest::Drain { stay: false, reply })
+        .await?
+        .map(Json)
+        .map_err(ApiError::internal)
+}
+
+async fn stay(State(tx): State<Tx>) -> Result<Json<DrainAnswer>, ApiError> {
+    ask(&tx, |reply| NodeRequest::Drain { stay: true, reply })
+        .await?
+        .map(Json)
+        .map_err(ApiError::internal)
 }
 
 async fn vp_list(State(tx): State<Tx>) -> Result<Json<Vec<VpStatus>>, ApiError> {
@@ -411,7 +427,7 @@ pub fn router(tx: Tx) -> Router {
         .route("/v1/overlay/keys", post(insert_key))
         .route("/v1/overlay/keys/remove", post(remove_key))
         .route("/v1/vps", get(vp_list).post(spawn))
-        .route("/v1/drain", post(drain))
+        .route("/v1/drain", post(drain).delete(stay))
         .route("/v1/vps/{vp}", get(vp_status).delete(destroy))
         .route("/v1/vps/{vp}/send", post(send))
         .route("/v1/vps/{vp}/stream", get(super::stream::route))

@@ -211,6 +211,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tracing::info!(peer_id = %local, host_id = %node.me.host, addrs = ?addrs, "host started");
     node.join_overlay();
     node.recover_members();
+    node.resume_draining();
     crate::watchdog::start();
 
     tokio::pin!(shutdown);
@@ -578,7 +579,7 @@ impl Node {
             | NodeRequest::VpList(..)
             | NodeRequest::VpStatus(..)
             | NodeRequest::VpDigest(..)
-            | NodeRequest::Drain(..) => self.on_vp_request(request),
+            | NodeRequest::Drain { .. } => self.on_vp_request(request),
             NodeRequest::Search(req, reply) => {
                 match self.alm.search(now, Key::new(req.key.into_bytes())) {
                     Ok(op) => {

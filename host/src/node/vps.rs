@@ -191,6 +191,8 @@ pub fn not_found_text(vp: VpId) -> String {
 
 /// A leaving host asks its virtual peers' leaders to replace it this often.
 const DRAIN_ASK_EVERY: Duration = Duration::from_secs(1);
+/// In the data directory while the host is leaving (`vp-host drain`).
+const DRAINING_FILE: &str = "draining";
 
 /// Removes and returns the keys of `map` whose instant has come.
 fn take_due(map: &mut HashMap<VpId, Instant>, now: Instant) -> Vec<VpId> {
@@ -1249,6 +1251,52 @@ impl Node {
         }
     }
 
+    /// Start leaving (`vp-host drain`) or stop (`vp-host drain --cancel`).
+    /// The choice is saved first (`draining` in the data directory), so a
+    /// host restarted while leaving goes on leaving.
+    fn set_draining(&mut self, leave: bool) -> Result<(), String> {
+        let path = self.cfg.data_dir.join(DRAINING_FILE);
+        if leave == self.vps.draining.is_some() && leave == path.exists() {
+            return Ok(());
+        }
+        if leave {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            crate::exec::write_atomically(&path, format!("{since}\n").as_bytes())
+                .map_err(|e| format!("cannot save that this host is leaving: {e:#}"))?;
+            tracing::info!(
+                memberships = self.vps.members.len(),
+                "leaving: taking no new member, asking each virtual peer to replace this host"
+            );
+            self.ask_to_be_replaced(Instant::now());
+        } else {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
+            }
+            crate::exec::sync_dir(&self.cfg.data_dir)
+                .map_err(|e| format!("cannot save that this host stays: {e:#}"))?;
+            tracing::info!("staying (vp-host drain --cancel): this host takes members again");
+            self.vps.draining = None;
+        }
+        Ok(())
+    }
+
+    /// A host restarted while leaving goes on leaving.
+    pub(super) fn resume_draining(&mut self) {
+        if self.cfg.data_dir.join(DRAINING_FILE).exists() {
+            tracing::info!(
+                "this host was leaving (vp-host drain) when it stopped: it goes on handing over \
+                 its members and takes no new one (vp-host drain --cancel to stay)"
+            );
+            // asks at the first tick, once the members have started again
+            let now = Instant::now();
+            self.vps.draining = Some(now.checked_sub(DRAIN_ASK_EVERY).unwrap_or(now));
+        }
+    }
+
     fn ask_to_be_replaced(&mut self, now: Instant) {
         self.vps.draining = Some(now);
         let me = consensus_host(self.me.host);
@@ -2234,17 +2282,11 @@ impl Node {
                     let _ = reply.send(list);
                 });
             }
-            NodeRequest::Drain(reply) => {
-                if self.vps.draining.is_none() {
-                    tracing::info!(
-                        memberships = self.vps.members.len(),
-                        "leaving: taking no new member, asking each virtual peer to replace this host"
-                    );
-                    self.ask_to_be_replaced(Instant::now());
-                }
-                let _ = reply.send(super::api::DrainAnswer {
+            NodeRequest::Drain { stay, reply } => {
+                let answer = self.set_draining(!stay).map(|()| super::api::DrainAnswer {
                     memberships: self.vps.members.len(),
                 });
+                let _ = reply.send(answer);
             }
             NodeRequest::VpStatus(name, log_after, reply) => match self.resolve_vp(&name) {
                 Ok(vp) => self.vp_status(vp, log_after, reply),

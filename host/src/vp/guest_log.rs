@@ -13,7 +13,7 @@ use crate::sandbox::GuestLogLine;
 pub const GUEST_LOG_LINES_MAX: usize = 1000;
 /// Bytes of text kept per member, at most.
 pub const GUEST_LOG_BYTES_MAX: usize = 256 << 10;
-/// Lines in one answer, at most (the latest of those asked for).
+/// Lines in one answer, at most.
 pub const GUEST_LOG_ANSWER_MAX: usize = 200;
 
 #[derive(Debug, Default)]
@@ -55,13 +55,22 @@ impl GuestLog {
         }
     }
 
-    /// The lines after `cursor`, oldest first: the latest
-    /// `GUEST_LOG_ANSWER_MAX` of them, and how many kept lines after
-    /// `cursor` that leaves out.
+    /// Lines, oldest first, at most `GUEST_LOG_ANSWER_MAX`, and how many kept
+    /// lines before them the answer leaves out. From the start (`(0, 0)`):
+    /// the latest lines, as `tail` shows them. After a line's cursor: the
+    /// next lines after it, so that a reader asking again after the last
+    /// line it got (a full answer: at once) pages through every kept line.
     pub fn after(&self, cursor: LogCursor) -> (Vec<GuestLogEntry>, u64) {
         let after = self.lines.partition_point(|l| l.cursor() <= cursor);
-        let first = after.max(self.lines.len().saturating_sub(GUEST_LOG_ANSWER_MAX));
-        let lines = self.lines.range(first..).cloned().collect();
+        let (first, end) = if cursor == (0, 0) {
+            (
+                self.lines.len().saturating_sub(GUEST_LOG_ANSWER_MAX),
+                self.lines.len(),
+            )
+        } else {
+            (after, self.lines.len().min(after + GUEST_LOG_ANSWER_MAX))
+        };
+        let lines = self.lines.range(first..end).cloned().collect();
         (lines, (first - after) as u64)
     }
 
@@ -110,6 +119,19 @@ mod tests {
         assert_eq!(tail.last().unwrap().text, "x1499");
         assert_eq!(log.lines.len(), GUEST_LOG_LINES_MAX);
         assert_eq!(log.lines[0].text, "x500");
+        // After a cursor, the next lines: a reader pages through all of them.
+        let mut cursor = log.lines[0].cursor();
+        let mut seen = vec![log.lines[0].text.clone()];
+        loop {
+            let (page, skipped) = log.after(cursor);
+            assert_eq!(skipped, 0);
+            assert!(page.len() <= GUEST_LOG_ANSWER_MAX);
+            let Some(last) = page.last() else { break };
+            cursor = last.cursor();
+            seen.extend(page.iter().map(|l| l.text.clone()));
+        }
+        let kept: Vec<String> = log.lines.iter().map(|l| l.text.clone()).collect();
+        assert_eq!(seen, kept);
         // and at most 256 KiB of text
         let big = "y".repeat(4096);
         for _ in 0..100 {

@@ -198,10 +198,11 @@ pub struct VpStatus {
     #[serde(default)]
     pub timings: MemberTimings,
     /// Lines the guest logged, oldest first: only when asked for
-    /// (`vp-host logs`), those after the cursor asked with.
+    /// (`vp-host logs`), at most 200 (`GuestLog::after` says which).
     #[serde(default)]
     pub guest_log: Vec<GuestLogEntry>,
-    /// Lines after that cursor left out of `guest_log` (it holds the latest 200).
+    /// Kept lines before `guest_log` that it leaves out (asked from the start,
+    /// it holds the latest 200).
     #[serde(default)]
     pub guest_log_skipped: u64,
 }
