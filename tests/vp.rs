@@ -936,6 +936,50 @@ async fn a_draining_host_hands_over_its_members_while_a_client_sends() {
     assert!(s.voters.contains(&leaving_id));
 }
 
+/// Two spawns at once want the same hosts, each of which has room for one
+/// member: a host takes one (it checks its room again once the module is
+/// compiled), refuses the other, and the refused spawn places again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_spawns_racing_for_the_last_room_both_land() {
+    let _serial = SERIAL.lock().await;
+    let one: &[&str] = &["--memberships-max", "1"];
+    let c = Arc::new(Cluster::start_with("vp-race", &[one, one, one]).await);
+    let spawn = |via: usize, members: &'static str| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut said = Vec::new();
+            let vp = vp_host::local::LocalCluster::spawn(&c, via, vp_apps::COUNTER, members, |e| {
+                said.push(format!("{e:?}"))
+            })
+            .await;
+            (vp, said)
+        })
+    };
+    let (a, b) = (spawn(0, "members=2"), spawn(1, "members=1"));
+    let ((a, said_a), (b, said_b)) = (a.await.unwrap(), b.await.unwrap());
+    let (a, b) = (
+        a.unwrap_or_else(|e| panic!("{e:#}; {said_a:?}")),
+        b.unwrap_or_else(|e| panic!("{e:#}; {said_b:?}")),
+    );
+    let sa = c.wait_voters(2, &a, 2, &[]).await;
+    let sb = c.wait_voters(2, &b, 1, &[]).await;
+    let mut hosts: Vec<&String> = sa.voters.iter().chain(&sb.voters).collect();
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "a host took two members: {sa:?} {sb:?}");
+    for (i, h) in c.hosts.iter().enumerate() {
+        let n = h.status().await.unwrap().virtual_peers.len();
+        assert_eq!(n, 1, "host {i} runs {n} members");
+    }
+    assert_eq!(c.ask(0, &a, json!({"add": 2})).await, json!(2));
+    assert_eq!(c.ask(1, &b, json!({"add": 3})).await, json!(3));
+    let replaced = said_a
+        .iter()
+        .chain(&said_b)
+        .any(|l| l.contains("placing again"));
+    eprintln!("placed again: {replaced}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_survives_the_callee_leader_being_killed() {
     let _serial = SERIAL.lock().await;

@@ -277,16 +277,28 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let Some(name) = path.file_name() else {
         bail!("{} is not a file path", path.display())
     };
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.sync_all()
-        .with_context(|| format!("cannot sync {}", tmp.display()))?;
-    drop(file);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    // A name of its own: two writers of the same file at once (two
+    // deployments storing one module) must not rename each other's.
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        rand::random::<u64>()
+    ));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        file.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+        drop(file);
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(&dir)
 }
 
@@ -301,6 +313,32 @@ pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::sandbox::Sandbox;
+
+    /// Found by a test of two spawns at once: both stored the same module
+    /// through one temporary name, and the second rename failed.
+    #[test]
+    fn two_writers_of_one_file_at_once_both_succeed() {
+        let dir = std::env::temp_dir().join(format!("vp-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("same.wasm");
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|_| write_atomically(&path, b"the same bytes"))
+                        .collect::<Result<Vec<()>>>()
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"the same bytes");
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(left, 1, "temporary files left behind");
+    }
 
     /// Found while writing the fuzz targets: `exec` read each input line whole
     /// (`BufRead::lines`) before checking `LINE_BYTES_MAX`, so one line without

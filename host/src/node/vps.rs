@@ -1897,6 +1897,12 @@ impl Node {
             self.ack_deploy(&deploy, &reply_to, Ok(()));
             return;
         }
+        // Checked again: another deployment may have taken the room while
+        // this one fetched or compiled its module (`on_deploy` checked first).
+        if let Err(why) = self.room_for(deploy.config.limits.memory_bytes_max) {
+            self.ack_deploy(&deploy, &reply_to, Err(why));
+            return;
+        }
         let file = MemberFile {
             config: deploy.config.clone(),
             founding: deploy.founding.clone(),
@@ -2505,7 +2511,7 @@ pub enum SpawnEvent {
 pub async fn spawn_vp(
     calls: mpsc::Sender<NodeCall>,
     me: PeerContact,
-    config: VpConfig,
+    mut config: VpConfig,
     progress: mpsc::Sender<SpawnEvent>,
 ) -> Result<(VpId, Vec<HostId>, HostId), String> {
     let say = |message: String| {
@@ -2523,19 +2529,67 @@ pub async fn spawn_vp(
                 .map_err(|_| "the host is shutting down".to_string())
         }
     };
-    let vp = config.vp;
     say(format!(
         "placing {} members (least-loaded hosts found through the overlay)",
         config.members
     ))
     .await;
-    // Hosts that joined a moment ago may not be found at once: sample a few times.
+    // Hosts that refused a member (full since they were sampled: another
+    // spawn took the room; leaving; gone) are left out of the next round.
+    let mut refused: Vec<HostId> = Vec::new();
+    let mut round = 1;
+    let voters = loop {
+        let chosen = place(&call, &say, &config, &refused).await?;
+        match deploy_all(&call, &say, &me, &config, &chosen).await {
+            Ok(()) => break chosen.iter().map(|c| c.host).collect::<Vec<_>>(),
+            Err((hosts, why)) if round < PLACEMENT_ROUNDS => {
+                round += 1;
+                let which = if hosts.len() == 1 { "it" } else { "them" };
+                say(format!(
+                    "{why}; placing again without {which} (round {round} of {PLACEMENT_ROUNDS})"
+                ))
+                .await;
+                refused.extend(hosts);
+                // A fresh id: a copy of this round that missed its undeploy
+                // belongs to a virtual peer nobody uses, never to the next.
+                config.vp = VpId(rand::random());
+            }
+            Err((_, why)) => return Err(why),
+        }
+    };
+    let vp = config.vp;
+    say("waiting for the members to elect a leader".to_string()).await;
+    let (tx, rx) = oneshot::channel();
+    call(NodeCall::AwaitLeader { vp, reply: tx }).await?;
+    let leader = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .map_err(|_| "no leader was elected within 30 s".to_string())?
+        .map_err(|_| "the host is shutting down".to_string())?;
+    Ok((vp, voters, leader))
+}
+
+/// Placement rounds a spawn tries before it gives up.
+const PLACEMENT_ROUNDS: usize = 3;
+
+/// Choose `config.members` hosts with room through the overlay, none of
+/// `refused`. Hosts that joined a moment ago may not be found at once, so
+/// it samples a few times.
+async fn place<C, S>(
+    call: &impl Fn(NodeCall) -> C,
+    say: &impl Fn(String) -> S,
+    config: &VpConfig,
+    refused: &[HostId],
+) -> Result<Vec<Candidate>, String>
+where
+    C: std::future::Future<Output = Result<(), String>>,
+    S: std::future::Future<Output = ()>,
+{
     let mut chosen = Vec::new();
     for attempt in 0..5 {
         let (tx, rx) = oneshot::channel();
         call(NodeCall::Sample {
             want: config.members,
-            exclude: Vec::new(),
+            exclude: refused.to_vec(),
             memory_bytes: config.limits.memory_bytes_max,
             reply: tx,
         })
@@ -2561,7 +2615,6 @@ pub async fn spawn_vp(
             config.members
         ));
     }
-    let voters: Vec<HostId> = chosen.iter().map(|c| c.host).collect();
     for c in &chosen {
         say(format!(
             "host {} ({} memberships) chosen",
@@ -2569,11 +2622,28 @@ pub async fn spawn_vp(
         ))
         .await;
     }
-    let membership = founding(voters.clone());
+    Ok(chosen)
+}
+
+/// Deploy the founding members on `chosen`. If any refuses or does not
+/// answer, the others are undeployed and the hosts that failed returned.
+async fn deploy_all<C, S>(
+    call: &impl Fn(NodeCall) -> C,
+    say: &impl Fn(String) -> S,
+    me: &PeerContact,
+    config: &VpConfig,
+    chosen: &[Candidate],
+) -> Result<(), (Vec<HostId>, String)>
+where
+    C: std::future::Future<Output = Result<(), String>>,
+    S: std::future::Future<Output = ()>,
+{
+    let vp = config.vp;
+    let membership = founding(chosen.iter().map(|c| c.host).collect());
     let members: Vec<(HostId, PeerContact)> =
         chosen.iter().map(|c| (c.host, c.contact.clone())).collect();
     let mut acks = Vec::new();
-    for c in &chosen {
+    for c in chosen {
         let deploy = Deploy {
             op: 0,
             config: config.clone(),
@@ -2587,35 +2657,38 @@ pub async fn spawn_vp(
             deploy: Box::new(deploy),
             reply: tx,
         })
-        .await?;
+        .await
+        .map_err(|e| (Vec::new(), e))?;
         acks.push((c.host, c.contact.clone(), rx));
     }
-    let mut failed = None;
-    let mut deployed = Vec::new();
+    let mut failed = Vec::new();
+    let mut why = String::new();
+    let mut undo = Vec::new();
     for (host, contact, rx) in acks {
         match rx.await {
             Ok(Ok(())) => {
                 say(format!("deployed on host {host}")).await;
-                deployed.push(contact);
+                undo.push(contact);
             }
-            Ok(Err(e)) => failed = Some(format!("host {host} refused: {e}")),
-            Err(_) => failed = Some(format!("host {host} did not answer in time")),
+            Ok(Err(e)) => {
+                why = format!("host {host} refused: {e}");
+                failed.push(host);
+            }
+            Err(_) => {
+                why = format!("host {host} did not answer in time");
+                failed.push(host);
+                // it may have deployed after all
+                undo.push(contact);
+            }
         }
     }
-    if let Some(why) = failed {
-        for contact in deployed {
-            let _ = call(NodeCall::Undeploy { to: contact, vp }).await;
-        }
-        return Err(why);
+    if failed.is_empty() {
+        return Ok(());
     }
-    say("waiting for the members to elect a leader".to_string()).await;
-    let (tx, rx) = oneshot::channel();
-    call(NodeCall::AwaitLeader { vp, reply: tx }).await?;
-    let leader = tokio::time::timeout(Duration::from_secs(30), rx)
-        .await
-        .map_err(|_| "no leader was elected within 30 s".to_string())?
-        .map_err(|_| "the host is shutting down".to_string())?;
-    Ok((vp, voters, leader))
+    for contact in undo {
+        let _ = call(NodeCall::Undeploy { to: contact, vp }).await;
+    }
+    Err((failed, why))
 }
 
 #[cfg(test)]
