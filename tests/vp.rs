@@ -231,6 +231,42 @@ async fn spawn_send_status_and_every_example_app() {
             .len(),
         2
     );
+    // More lines than one answer holds (200): `b` logs one line per bridge
+    // it takes, then one per bridge it refuses. `--after` pages through all.
+    let first = common::run(&["--data-dir", &dir4, "logs", &b, "--json"], "");
+    assert!(common::stdout_lines(&first).is_empty(), "{first:?}");
+    let rooms: String = (0..260u64)
+        .map(|i| format!("{{\"bridge\": \"{:016x}\"}}\n", 0xb000 + i))
+        .collect();
+    let dir1 = c.hosts[1].data_dir.to_string_lossy().into_owned();
+    let out = common::run(&["--data-dir", &dir1, "send", &b, "-"], &rooms);
+    assert_eq!(common::stdout_lines(&out).len(), 260, "{out:?}");
+    // (host 4's own member, if it is one, may apply the last ones a moment later)
+    let lines = wait_for(Duration::from_secs(15), || {
+        let out = common::run(&["--data-dir", &dir4, "logs", &b, "--after", "1.0"], "");
+        let lines = common::stdout_lines(&out);
+        (lines.len() >= 260).then_some(lines)
+    })
+    .await
+    .expect("every line, 200 per request");
+    assert_eq!(lines.len(), 260);
+    assert!(
+        lines[0].contains("bridged to 000000000000b000"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[259].contains("bridge to 000000000000b103 refused"),
+        "{}",
+        lines[259]
+    );
+    // without a cursor: the latest 200, and a count of the rest
+    let out = common::run(&["--data-dir", &dir4, "logs", &b], "");
+    assert_eq!(common::stdout_lines(&out).len(), 200);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(60 earlier line(s) not shown)"),
+        "{out:?}"
+    );
 }
 
 /// Send streams (docs/host.md): `vp-host send <vp> -` and the protocol
