@@ -2542,7 +2542,7 @@ pub async fn spawn_vp(
         let chosen = place(&call, &say, &config, &refused).await?;
         match deploy_all(&call, &say, &me, &config, &chosen).await {
             Ok(()) => break chosen.iter().map(|c| c.host).collect::<Vec<_>>(),
-            Err((hosts, why)) if round < PLACEMENT_ROUNDS => {
+            Err((hosts, why)) if round < PLACEMENT_ROUNDS && !hosts.is_empty() => {
                 round += 1;
                 let which = if hosts.len() == 1 { "it" } else { "them" };
                 say(format!(
