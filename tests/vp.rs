@@ -105,6 +105,23 @@ async fn spawn_send_status_and_every_example_app() {
         .await
         .unwrap();
     assert_eq!(answer.reply, Some(json!(3)), "linearizable read");
+    // The leader's host in the Prometheus text format (`GET /v1/metrics`).
+    let leader = c.wait_voters(0, &counter, 3, &[]).await.leader.unwrap();
+    let at = c.index_of(&leader).await.unwrap();
+    let metrics = c.hosts[at].api.get_text("/v1/metrics").await.unwrap();
+    let sample = |prefix: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    let series = format!("{{vp=\"{counter}\",name=\"ctr\"}}");
+    assert_eq!(sample(&format!("vp_member_leader{series}")), 1.0);
+    assert_eq!(sample(&format!("vp_member_voters{series}")), 3.0);
+    assert!(sample(&format!("vp_member_applied_below{series}")) >= 3.0);
+    assert!(sample("vp_host_memberships ") >= 1.0);
+    assert!(sample("vp_host_frames_sent_total ") > 0.0);
     // An unknown virtual peer is a 404 with a clear message, not a busy host.
     let unknown = c
         .send(0, "no-such-vp", json!("get"))

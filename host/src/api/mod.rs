@@ -259,6 +259,12 @@ impl ApiClient {
         .await
     }
 
+    /// GET `path`, the answer as text (`/v1/metrics`).
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let bytes = self.fetch(hyper::Method::GET, path, Bytes::new()).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// DELETE `path`, decode the JSON answer.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(hyper::Method::DELETE, path, Bytes::new()).await
@@ -390,6 +396,13 @@ impl ApiClient {
         path: &str,
         body: Bytes,
     ) -> Result<T> {
+        let bytes = self.fetch(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from the daemon at {}", self.addr))
+    }
+
+    /// One request's whole answer; an error status is an [`ApiError`].
+    async fn fetch(&self, method: hyper::Method, path: &str, body: Bytes) -> Result<Bytes> {
         let (response, sender) = self.request(method, path, body).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
@@ -401,8 +414,7 @@ impl ApiClient {
             }
             .into());
         }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("unexpected answer from the daemon at {}", self.addr))
+        Ok(bytes)
     }
 }
 

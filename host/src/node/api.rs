@@ -282,6 +282,18 @@ async fn status(State(tx): State<Tx>) -> Result<Json<HostStatus>, ApiError> {
     Ok(Json(ask(&tx, NodeRequest::Status).await?))
 }
 
+/// The status in the Prometheus text format (node/metrics.rs).
+async fn metrics(State(tx): State<Tx>) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let status = ask(&tx, NodeRequest::Status).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            super::metrics::CONTENT_TYPE,
+        )],
+        super::metrics::render(&status),
+    ))
+}
+
 async fn search(
     State(tx): State<Tx>,
     Json(req): Json<SearchRequest>,
@@ -421,6 +433,7 @@ async fn vp_digest(
 pub fn router(tx: Tx) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/metrics", get(metrics))
         .route("/v1/overlay/search", post(search))
         .route("/v1/overlay/multicast", post(multicast))
         .route("/v1/overlay/deliveries", get(deliveries))

@@ -5,6 +5,7 @@
 //! the network) and replying on oneshot channels.
 
 pub mod api;
+pub mod metrics;
 pub mod overlay;
 mod stream;
 pub mod vps;

@@ -21,7 +21,7 @@ use super::{Node, Wire};
 use crate::sandbox::{ModuleHash, Sandbox};
 use crate::vp::directory::Directory;
 use crate::vp::member::{
-    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource,
+    MemberContext, MemberEvent, MemberFile, MemberHandle, MemberOutput, ModuleSource, StatusAsk,
     destroyed_text, saved_contacts, start_member, vp_dir,
 };
 use crate::vp::modules::{MODULE_UNUSED_KEEP, MODULES_COLLECT_EVERY, ModuleStore, modules_in_use};
@@ -2056,7 +2056,11 @@ impl Node {
     ) -> Option<oneshot::Sender<Result<VpStatus, String>>> {
         if let Some(m) = self.vps.members.get(&vp) {
             let (tx, rx) = oneshot::channel();
-            if m.send(MemberEvent::Status(tx, log_after)) {
+            let ask = StatusAsk {
+                log_after,
+                digest: true,
+            };
+            if m.send(MemberEvent::Status(tx, ask)) {
                 tokio::spawn(async move {
                     let _ = reply.send(rx.await.map_err(|_| "the member stopped".to_string()));
                 });
@@ -2115,14 +2119,15 @@ impl Node {
 }
 
 impl Node {
-    /// Ask every local member for its status.
+    /// Ask every local member for its status (a state digest only if one is
+    /// known for the current state: a listing does not hash every guest).
     pub(super) fn member_statuses(&self) -> Vec<oneshot::Receiver<VpStatus>> {
         let mut out = Vec::new();
         let mut members: Vec<_> = self.vps.members.iter().collect();
         members.sort_by_key(|(vp, _)| **vp);
         for (_, m) in members {
             let (tx, rx) = oneshot::channel();
-            if m.send(MemberEvent::Status(tx, None)) {
+            if m.send(MemberEvent::Status(tx, StatusAsk::default())) {
                 out.push(rx);
             }
         }

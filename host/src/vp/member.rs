@@ -152,7 +152,7 @@ pub enum MemberEvent {
         why: String,
     },
     /// This member's status; with a cursor, also its guest's log lines after it.
-    Status(oneshot::Sender<VpStatus>, Option<super::LogCursor>),
+    Status(oneshot::Sender<VpStatus>, StatusAsk),
     Digest(oneshot::Sender<Option<StateDigest>>),
     /// Every connection to this host closed (its process died, or the network
     /// between us did): if it led, a new leader is elected as soon as its lease
@@ -169,6 +169,17 @@ pub enum MemberEvent {
     /// The storage thread failed (fail-stop).
     StorageFailed(String),
     Stop,
+}
+
+/// What a status query wants besides the member's summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatusAsk {
+    /// The guest's log lines after this cursor (`vp-host logs`).
+    pub log_after: Option<super::LogCursor>,
+    /// The state digest even if it must be computed (hashing the guest's
+    /// memory on the member thread); without it, only one already known for
+    /// the current state. Host-wide listings and metrics go without.
+    pub digest: bool,
 }
 
 /// What a member thread asks of the node.
@@ -1027,9 +1038,9 @@ impl Member {
                 tracing::warn!(%dead, "no replacement found: {why}; will try again");
                 self.replacing = None;
             }
-            MemberEvent::Status(reply, log_after) => {
-                let mut status = self.status();
-                if let Some(cursor) = log_after {
+            MemberEvent::Status(reply, ask) => {
+                let mut status = self.status(ask.digest);
+                if let Some(cursor) = ask.log_after {
                     (status.guest_log, status.guest_log_skipped) = self.guest_log.after(cursor);
                 }
                 let _ = reply.send(status);
@@ -1999,22 +2010,34 @@ impl Member {
     /// changed since the last one: hashing a large guest's memory holds this
     /// thread (about 20 ms for 64 MiB here), and status is polled.
     fn state_digest(&mut self) -> Option<StateDigest> {
+        if let Some(d) = self.known_digest() {
+            return Some(d);
+        }
         let g = self.guest.as_mut()?;
+        let d = g.digest();
+        self.digest_memo = Some(((self.applied, g.handled()), d));
+        Some(d)
+    }
+
+    /// The state digest if the last one computed is of the current state.
+    fn known_digest(&self) -> Option<StateDigest> {
+        let g = self.guest.as_ref()?;
         // Only applying a slot (or installing one) changes the state.
         let key = (self.applied, g.handled());
         match self.digest_memo {
             Some((k, d)) if k == key => Some(d),
-            _ => {
-                let d = g.digest();
-                self.digest_memo = Some((key, d));
-                Some(d)
-            }
+            _ => None,
         }
     }
 
-    fn status(&mut self) -> VpStatus {
+    fn status(&mut self, compute_digest: bool) -> VpStatus {
         let s = self.replica.status();
-        let digest = self.state_digest().map(|d| d.to_string());
+        let digest = if compute_digest {
+            self.state_digest()
+        } else {
+            self.known_digest()
+        }
+        .map(|d| d.to_string());
         let (state_bytes, handled) = match self.guest.as_ref() {
             Some(g) => (g.memory_bytes(), g.handled()),
             None => (0, 0),
