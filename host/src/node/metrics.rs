@@ -106,8 +106,8 @@ fn per_member_timing(
 
 /// The whole answer.
 pub fn render(status: &HostStatus) -> String {
-    let mut out = String::with_capacity(4096 + 2048 * status.virtual_peers.len());
-    let out = &mut out;
+    let mut text = String::with_capacity(4096 + 2048 * status.virtual_peers.len());
+    let out = &mut text;
     Family::new(
         out,
         "vp_host_info",
@@ -322,7 +322,7 @@ pub fn render(status: &HostStatus) -> String {
         "Leader only: a request from proposed to answered, over its latest samples.",
         |s| &s.timings.request,
     );
-    std::mem::take(out)
+    text
 }
 
 #[cfg(test)]

@@ -1291,9 +1291,9 @@ impl Node {
                 "this host was leaving (vp-host drain) when it stopped: it goes on handing over \
                  its members and takes no new one (vp-host drain --cancel to stay)"
             );
-            // asks at the first tick, once the members have started again
-            let now = Instant::now();
-            self.vps.draining = Some(now.checked_sub(DRAIN_ASK_EVERY).unwrap_or(now));
+            // (a member not yet in touch with its leader drops the request;
+            // it is asked again every `DRAIN_ASK_EVERY`)
+            self.ask_to_be_replaced(Instant::now());
         }
     }
 

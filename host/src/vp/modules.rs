@@ -79,8 +79,9 @@ impl ModuleStore {
     }
 
     /// Delete the modules not in `in_use` that were last stored or used more
-    /// than `unused_for` ago; returns the hashes deleted. Files that are not
-    /// modules (`<sha256>.wasm`) are left alone.
+    /// than `unused_for` ago; returns the hashes deleted. Temporary files of
+    /// stores that old are deleted too; other files that are not modules
+    /// (`<sha256>.wasm`) are left alone.
     pub fn collect(
         &self,
         in_use: &HashSet<ModuleHash>,
@@ -94,6 +95,15 @@ impl ModuleStore {
             .with_context(|| format!("cannot list {}", self.dir.display()))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            let used = entry.metadata().and_then(|m| m.modified());
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                // A store a crash cut short (`write_atomically` names each
+                // write's file uniquely, so nothing writes over it later).
+                if used.is_ok_and(|t| t < before) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                continue;
+            }
             let Some(hash) = name
                 .strip_suffix(".wasm")
                 .and_then(|h| h.parse::<ModuleHash>().ok())
@@ -103,7 +113,6 @@ impl ModuleStore {
             if in_use.contains(&hash) {
                 continue;
             }
-            let used = entry.metadata().and_then(|m| m.modified());
             if used.is_ok_and(|t| t < before) {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => deleted.push(hash),
@@ -204,6 +213,18 @@ mod tests {
         // Something else in the directory is not the store's to delete.
         let stray = dir.0.join("modules").join("notes.wasm");
         std::fs::write(&stray, b"x").unwrap();
+        // A store a crash cut short, long ago; and one under way.
+        let [cut, writing] =
+            [".a.wasm.1.tmp", ".b.wasm.2.tmp"].map(|n| dir.0.join("modules").join(n));
+        for path in [&cut, &writing] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        std::fs::File::options()
+            .append(true)
+            .open(&cut)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * hour)
+            .unwrap();
 
         let in_use = HashSet::from([run]);
         assert_eq!(store.collect(&in_use, hour).unwrap(), vec![old]);
@@ -212,6 +233,7 @@ mod tests {
         assert!(store.get(&fresh).is_some(), "stored within the hour");
         assert!(store.get(&stored_again).is_some());
         assert!(stray.exists());
+        assert!(!cut.exists() && writing.exists());
 
         // Deploying from the store marks the module used.
         age(&store, &fresh, 2 * hour);
