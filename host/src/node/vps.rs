@@ -143,6 +143,65 @@ struct Sample {
     reply: oneshot::Sender<Vec<Candidate>>,
 }
 
+impl Sample {
+    /// Whether the overlay searches found enough candidates, or took long
+    /// enough, to ask the candidates for their load.
+    fn searching_done(&self, now: Instant) -> bool {
+        let waited = now.saturating_duration_since(self.started);
+        self.searches == 0
+            || (self.candidates.len() > self.want && waited >= SAMPLE_ENOUGH_WAIT)
+            || waited >= SAMPLE_SEARCH_MAX
+    }
+
+    /// A candidate's load: its memberships, None if it has no room. An
+    /// answer from a host that is not a candidate (the asking host when it
+    /// is excluded) counts for nothing: it once made a sample that excluded
+    /// its own host decide one answer early and miss a host with room.
+    fn answered(&mut self, host: HostId, load: Option<u32>) {
+        if self.candidates.contains_key(&host) {
+            self.loads.insert(host, load);
+        }
+    }
+
+    /// Whether the sample can answer: every candidate answered, or enough
+    /// with room did and the others had a moment more, or the deadline.
+    fn decided(&self, now: Instant) -> bool {
+        let Some(asked) = self.asked else {
+            return false;
+        };
+        let all_answered = self.candidates.keys().all(|h| self.loads.contains_key(h));
+        let with_room = self.loads.values().filter(|l| l.is_some()).count();
+        let enough_answered =
+            with_room >= self.want && now.saturating_duration_since(asked) >= SAMPLE_ENOUGH_WAIT;
+        all_answered || enough_answered || now >= self.deadline
+    }
+
+    /// Answer the candidates that answered with room, the least loaded first (ties
+    /// in random order), at most `want`. Only hosts that answered are alive
+    /// enough to host a member.
+    fn answer(self) {
+        let loads = self.loads;
+        let mut found: Vec<Candidate> = self
+            .candidates
+            .into_iter()
+            .filter_map(|(host, contact)| {
+                loads
+                    .get(&host)
+                    .copied()
+                    .flatten()
+                    .map(|memberships| Candidate {
+                        host,
+                        contact,
+                        memberships,
+                    })
+            })
+            .collect();
+        found.sort_by_key(|c| (c.memberships, rand::random::<u32>()));
+        found.truncate(self.want);
+        let _ = self.reply.send(found);
+    }
+}
+
 /// Placement waits this long for the searches, at most, once it has more
 /// candidates than it wants (a search routed through a dead host waits for the
 /// overlay's timeout; the others suffice), and as long again for load answers
@@ -849,7 +908,7 @@ impl Node {
                 room,
             } => {
                 if let Some(sample) = self.vps.samples.get_mut(&op) {
-                    sample.loads.insert(
+                    sample.answered(
                         consensus_host(host_id_of(&from)),
                         room.then_some(memberships),
                     );
@@ -1666,13 +1725,9 @@ impl Node {
                 .has_room(memory_bytes)
                 .then_some(self.vps.members.len() as u32);
             let sample = self.vps.samples.get_mut(&op).expect("present");
-            let waited = now.saturating_duration_since(sample.started);
-            let searching_done = sample.searches == 0
-                || (sample.candidates.len() > sample.want && waited >= SAMPLE_ENOUGH_WAIT)
-                || waited >= SAMPLE_SEARCH_MAX;
-            if searching_done && sample.asked.is_none() {
+            if sample.asked.is_none() && sample.searching_done(now) {
                 sample.asked = Some(now);
-                sample.loads.insert(me, my_load);
+                sample.answered(me, my_load);
                 let targets: Vec<PeerContact> = sample
                     .candidates
                     .iter()
@@ -1684,37 +1739,9 @@ impl Node {
                 }
                 continue;
             }
-            let sample = self.vps.samples.get(&op).expect("present");
-            let Some(asked) = sample.asked else {
-                continue;
-            };
-            let all_answered = sample.loads.len() >= sample.candidates.len();
-            let with_room = sample.loads.values().filter(|l| l.is_some()).count();
-            let enough_answered = with_room >= sample.want
-                && now.saturating_duration_since(asked) >= SAMPLE_ENOUGH_WAIT;
-            if all_answered || enough_answered || now >= sample.deadline {
+            if sample.decided(now) {
                 let sample = self.vps.samples.remove(&op).expect("present");
-                // Only hosts that answered are alive enough to host a member,
-                // and only those with room take one.
-                let mut found: Vec<Candidate> = sample
-                    .candidates
-                    .into_iter()
-                    .filter_map(|(host, contact)| {
-                        sample
-                            .loads
-                            .get(&host)
-                            .copied()
-                            .flatten()
-                            .map(|memberships| Candidate {
-                                host,
-                                contact,
-                                memberships,
-                            })
-                    })
-                    .collect();
-                found.sort_by_key(|c| (c.memberships, rand::random::<u32>()));
-                found.truncate(sample.want.max(found.len().min(sample.want)));
-                let _ = sample.reply.send(found);
+                sample.answer();
             }
         }
         self.vps
@@ -2723,6 +2750,77 @@ mod tests {
         for retried_for in [SEND_TIMEOUT, SEND_TIMEOUT_MAX, OUTBOUND_TIMEOUT] {
             assert!(retried_for * 2 <= retain, "{retried_for:?} vs {retain:?}");
         }
+    }
+
+    fn sample(want: usize, candidates: &[u64]) -> (Sample, oneshot::Receiver<Vec<Candidate>>) {
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        let sample = Sample {
+            want,
+            memory_bytes: 1 << 20,
+            exclude: HashSet::new(),
+            searches: 0,
+            candidates: candidates
+                .iter()
+                .map(|h| {
+                    let contact = PeerContact {
+                        peer: libp2p::PeerId::random(),
+                        addrs: Vec::new(),
+                    };
+                    (HostId(*h), contact)
+                })
+                .collect(),
+            loads: HashMap::new(),
+            started: now,
+            asked: Some(now),
+            deadline: now + SAMPLE_DEADLINE,
+            reply,
+        };
+        (sample, rx)
+    }
+
+    /// A spawn placing again without its own host (it refused), or a leader
+    /// finding a replacement (its own host is a member), excludes the asking
+    /// host: its own load must not count as one of the candidates' answers.
+    #[test]
+    fn a_sample_excluding_its_own_host_waits_for_every_candidate() {
+        let (mut s, mut rx) = sample(2, &[1, 2]);
+        let now = s.asked.unwrap();
+        s.answered(HostId(9), Some(0)); // the asking host, excluded
+        s.answered(HostId(1), Some(0));
+        assert!(!s.decided(now), "decided before host 2 answered");
+        s.answered(HostId(2), Some(0));
+        assert!(s.decided(now));
+        s.answer();
+        let mut found: Vec<u64> = rx.try_recv().unwrap().iter().map(|c| c.host.0).collect();
+        found.sort();
+        assert_eq!(found, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_sample_prefers_the_least_loaded_and_skips_the_full() {
+        let (mut s, mut rx) = sample(2, &[1, 2, 3, 4]);
+        let asked = s.asked.unwrap();
+        s.answered(HostId(1), Some(3));
+        s.answered(HostId(2), None);
+        s.answered(HostId(3), Some(1));
+        // two with room answered: the fourth has a moment more
+        assert!(!s.decided(asked));
+        assert!(s.decided(asked + SAMPLE_ENOUGH_WAIT));
+        s.answered(HostId(4), Some(0));
+        s.answer();
+        let found: Vec<u64> = rx.try_recv().unwrap().iter().map(|c| c.host.0).collect();
+        assert_eq!(found, vec![4, 3]);
+    }
+
+    #[test]
+    fn a_sample_with_too_few_answers_decides_at_its_deadline() {
+        let (mut s, mut rx) = sample(3, &[1, 2, 3]);
+        s.answered(HostId(1), Some(0));
+        assert!(!s.decided(s.asked.unwrap() + SAMPLE_ENOUGH_WAIT));
+        assert!(s.decided(s.deadline));
+        s.answer();
+        assert_eq!(rx.try_recv().unwrap().len(), 1);
     }
 
     #[test]
