@@ -228,6 +228,8 @@ const GONE_FORGET: Duration = Duration::from_secs(5);
 const DESTROY_LINGER: Duration = Duration::from_secs(1);
 /// The most destroyed virtual peers a host remembers hearing of.
 const DESTROYED_SEEN_MAX: usize = 4096;
+/// The most undone deployments a host remembers (`VpState::undone`).
+const UNDONE_MAX: usize = 4096;
 /// A placement gives up after this long.
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -385,6 +387,12 @@ pub struct VpNode {
     /// at most `DESTROYED_SEEN_MAX`: asked about again, this host answers
     /// at once instead of locating members that are gone.
     destroyed_seen: HashSet<VpId>,
+    /// Virtual peers whose founding deployment the spawning host undid
+    /// (`VpWire::Undeploy`) before this host had started a member: one still
+    /// fetching or compiling its module is refused when it gets there, not
+    /// started as a member nobody will use (it held the host's room for
+    /// good). At most `UNDONE_MAX`; a spawn never reuses an id.
+    undone: HashSet<VpId>,
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
     destroying: HashMap<VpId, Instant>,
@@ -440,6 +448,7 @@ impl VpNode {
             modules,
             tombstones,
             destroyed_seen: HashSet::new(),
+            undone: HashSet::new(),
             destroying: HashMap::new(),
             restart_retry: HashMap::new(),
             draining: None,
@@ -528,6 +537,10 @@ pub enum NodeCall {
         reply_to: PeerContact,
         module: Result<Arc<crate::sandbox::LoadedModule>, String>,
     },
+}
+
+fn undone_text(vp: VpId) -> String {
+    format!("the deployment of {vp} was undone by its spawn (it placed again)")
 }
 
 fn consensus_host(h: vp_alm::HostId) -> HostId {
@@ -836,7 +849,16 @@ impl Node {
                     let _ = reply.send(result);
                 }
             }
-            VpWire::Undeploy { vp } => self.undeploy(vp),
+            VpWire::Undeploy { vp } => {
+                if self.vps.members.contains_key(&vp) {
+                    self.undeploy(vp);
+                } else {
+                    if self.vps.undone.len() >= UNDONE_MAX {
+                        self.vps.undone.clear();
+                    }
+                    self.vps.undone.insert(vp);
+                }
+            }
             VpWire::Destroyed { vp } => {
                 let host = consensus_host(host_id_of(&from));
                 if let Some(m) = self.vps.members.get(&vp) {
@@ -1808,6 +1830,10 @@ impl Node {
             self.ack_deploy(&deploy, &reply_to, Err(destroyed_text(vp)));
             return;
         }
+        if self.vps.undone.contains(&vp) {
+            self.ack_deploy(&deploy, &reply_to, Err(undone_text(vp)));
+            return;
+        }
         if let Err(why) = check_config(&deploy.config) {
             self.ack_deploy(&deploy, &reply_to, Err(why));
             return;
@@ -1922,6 +1948,12 @@ impl Node {
         if self.vps.members.contains_key(&vp) {
             // A retry of the same deployment got here first.
             self.ack_deploy(&deploy, &reply_to, Ok(()));
+            return;
+        }
+        // The spawn may have undone it while the module was on its way.
+        if self.vps.undone.contains(&vp) {
+            tracing::info!(%vp, "deployment undone by its spawn before it started");
+            self.ack_deploy(&deploy, &reply_to, Err(undone_text(vp)));
             return;
         }
         // Checked again: another deployment may have taken the room while
