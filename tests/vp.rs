@@ -1127,7 +1127,7 @@ async fn placement_keeps_to_what_each_host_lends() {
     // Three hosts lend room for two members and 300 MiB of guest memory
     // each; the fourth runs no app.
     let lender: &[&str] = &["--memberships-max", "2", "--guest-memory-max", "300M"];
-    let c = Cluster::start_with(
+    let mut c = Cluster::start_with(
         "vp-room",
         &[lender, lender, lender, &["--memberships-max", "0"]],
     )
@@ -1182,6 +1182,46 @@ async fn placement_keeps_to_what_each_host_lends() {
         json!(2),
         "the first app runs on"
     );
+
+    // A lender restarted lending less hands the excess over. Host 0 comes
+    // back with room for one member (it runs two); no host has room to
+    // replace it while it is down. Then the fourth lends room for one.
+    let shrunk = c.hosts[0].host_id.clone();
+    let newcomer = c.hosts[3].host_id.clone();
+    c.restart_with(0, &["--memberships-max", "1", "--guest-memory-max", "300M"])
+        .await;
+    let back = c.hosts[0].status().await.unwrap();
+    assert_eq!((back.memberships_max, back.virtual_peers.len()), (1, 2));
+    c.restart_with(3, &["--memberships-max", "1"]).await;
+    let (sa, sb) = vp_host::local::poll(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let sa = c.vp_status(1, &a).await.ok()?;
+            let sb = c.vp_status(1, &b).await.ok()?;
+            let on_shrunk = [&sa, &sb]
+                .iter()
+                .filter(|s| s.voters.contains(&shrunk))
+                .count();
+            let left = c.hosts[0].status().await.ok()?.virtual_peers.len();
+            let settled =
+                on_shrunk == 1 && left == 1 && sa.voters.len() == 3 && sb.voters.len() == 3;
+            settled.then_some((sa, sb))
+        },
+    )
+    .await
+    .expect("host 0 kept both members, or a virtual peer lost one");
+    assert!(
+        sa.voters.contains(&newcomer) != sb.voters.contains(&newcomer),
+        "the fourth host took the handed-over member: {sa:?} {sb:?}"
+    );
+    assert!(
+        c.hosts[0]
+            .log()
+            .contains("more members than --memberships-max")
+    );
+    assert_eq!(c.ask(1, &a, json!("get")).await, json!(2));
+    assert_eq!(c.ask(1, &b, json!({"add": 5})).await, json!(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,12 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
+    /// Restart host `i` as `restart` does, with other `join` arguments.
+    pub async fn restart_with(&mut self, i: usize, args: &[&str]) {
+        self.inner.args[i] = args.iter().map(|s| s.to_string()).collect();
+        self.restart(i).await;
+    }
+
     /// The index of the running host with this host id.
     pub async fn index_of(&self, host_id: &str) -> Option<usize> {
         self.inner.index_of(host_id)

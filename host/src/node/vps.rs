@@ -399,6 +399,9 @@ pub struct VpNode {
     /// This host is leaving (`vp-host drain`): when it last asked its
     /// virtual peers to replace it.
     pub(super) draining: Option<Instant>,
+    /// This host runs more members than its `--memberships-max` (lowered
+    /// since they were placed): when it last asked the excess to replace it.
+    shedding: Option<Instant>,
     /// Members found on disk whose module could not be fetched yet: tried
     /// again at the instant given (`RESTART_RETRY` apart).
     restart_retry: HashMap<VpId, Instant>,
@@ -452,6 +455,7 @@ impl VpNode {
             destroying: HashMap::new(),
             restart_retry: HashMap::new(),
             draining: None,
+            shedding: None,
             modules_collected: None,
             directory: Directory::default(),
             members: Members::default(),
@@ -1332,6 +1336,46 @@ impl Node {
         }
     }
 
+    /// A host restarted with a lower `--memberships-max` than the members it
+    /// runs hands the excess over as a leaving host hands over all of them
+    /// (the virtual peers with the largest ids first, so each ask picks the
+    /// same ones), once a second until it is within its limit.
+    fn shed_tick(&mut self, now: Instant) {
+        let excess = self
+            .vps
+            .members
+            .len()
+            .saturating_sub(self.memberships_max());
+        if excess == 0 || self.vps.draining.is_some() {
+            self.vps.shedding = None;
+            return;
+        }
+        if self
+            .vps
+            .shedding
+            .is_some_and(|asked| now.duration_since(asked) < DRAIN_ASK_EVERY)
+        {
+            return;
+        }
+        if self.vps.shedding.is_none() {
+            tracing::info!(
+                memberships = self.vps.members.len(),
+                memberships_max = self.memberships_max(),
+                "more members than --memberships-max: asking {excess} virtual peer(s) to \
+                 replace this host"
+            );
+        }
+        self.vps.shedding = Some(now);
+        let me = consensus_host(self.me.host);
+        let mut vps: Vec<VpId> = self.vps.members.keys().copied().collect();
+        vps.sort_unstable_by(|a, b| b.cmp(a));
+        for vp in vps.into_iter().take(excess) {
+            if let Some(m) = self.vps.members.get(&vp) {
+                m.send(MemberEvent::Drain(me));
+            }
+        }
+    }
+
     /// Start leaving (`vp-host drain`) or stop (`vp-host drain --cancel`).
     /// The choice is saved first (`draining` in the data directory), so a
     /// host restarted while leaving goes on leaving.
@@ -1546,6 +1590,7 @@ impl Node {
         }
         self.fail_not_found(now);
         self.drain_tick(now);
+        self.shed_tick(now);
         self.sample_tick(now);
         if self
             .vps
@@ -2017,7 +2062,7 @@ impl Node {
                     .await
                     .ok()
                     .and_then(|mut c| c.pop())
-                    .ok_or("no live host found through the overlay")?;
+                    .ok_or("no live host with room for a member found through the overlay")?;
                 tracing::info!(%vp, %dead, new = %candidate.host, "replacement chosen");
                 let deploy = Deploy {
                     op: 0,

@@ -467,6 +467,7 @@ pub fn start_member(
         grace_until: Time(0),
         down: HashMap::new(),
         learner_since: None,
+        replace_failed_at: None,
         locators: Vec::new(),
         held: Vec::new(),
         candidate_since: None,
@@ -776,6 +777,10 @@ const LOCATOR_TTL: Duration = Duration::from_secs(1);
 /// A voter whose connections closed is replaced after this much silence
 /// (instead of `replace_after_ms`, if that is longer).
 const DOWN_REPLACE_AFTER: Duration = Duration::from_millis(150);
+/// After a replacement found no host (none with room, or the one chosen
+/// refused), the next attempt waits this long: each attempt samples the
+/// overlay and checkpoints the guest, once every 25 ms tick before.
+const REPLACE_RETRY: Duration = Duration::from_millis(500);
 /// Applied slots past the last checkpoint beyond which a replacement takes a
 /// fresh checkpoint for the new member.
 const REPLACE_FRESH_CHECKPOINT_SLOTS: u64 = 64;
@@ -836,6 +841,9 @@ struct Member {
     down: HashMap<HostId, Time>,
     /// The learner in the configuration, and since when this member saw it.
     learner_since: Option<(HostId, Time)>,
+    /// When the last attempt to replace a member found no host (the next
+    /// waits `REPLACE_RETRY`).
+    replace_failed_at: Option<Time>,
     /// Requests that arrived while this member was a candidate.
     held: Vec<Request>,
     /// Since when this member is a candidate (`holding`).
@@ -1035,8 +1043,13 @@ impl Member {
                 self.on_replacement_ready(now, dead, new)
             }
             MemberEvent::ReplacementFailed { dead, why } => {
-                tracing::warn!(%dead, "no replacement found: {why}; will try again");
+                tracing::warn!(
+                    %dead,
+                    "no replacement found: {why}; trying again in {} ms",
+                    REPLACE_RETRY.as_millis()
+                );
                 self.replacing = None;
+                self.replace_failed_at = Some(now);
             }
             MemberEvent::Status(reply, ask) => {
                 let mut status = self.status(ask.digest);
@@ -1373,6 +1386,12 @@ impl Member {
             return;
         }
         self.learner_since = None;
+        if self
+            .replace_failed_at
+            .is_some_and(|at| now.since(at) < REPLACE_RETRY.as_micros() as u64)
+        {
+            return;
+        }
         let limit = self.cfg.replace_after_ms * 1000;
         // A member whose connections closed (its process died) and that stayed
         // silent for DOWN_REPLACE_AFTER is not coming back soon.
