@@ -392,7 +392,11 @@ pub struct VpNode {
     /// fetching or compiling its module is refused when it gets there, not
     /// started as a member nobody will use (it held the host's room for
     /// good). At most `UNDONE_MAX`; a spawn never reuses an id.
-    undone: HashSet<VpId>,
+    undone: HashSet<(VpId, libp2p::PeerId)>,
+    /// The host that sent each founding deployment of a member here: the
+    /// only one whose `Undeploy` is obeyed (any other peer could otherwise
+    /// stop any member). Pruned to the members running.
+    founded_by: HashMap<VpId, libp2p::PeerId>,
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
     destroying: HashMap<VpId, Instant>,
@@ -452,6 +456,7 @@ impl VpNode {
             tombstones,
             destroyed_seen: HashSet::new(),
             undone: HashSet::new(),
+            founded_by: HashMap::new(),
             destroying: HashMap::new(),
             restart_retry: HashMap::new(),
             draining: None,
@@ -855,12 +860,16 @@ impl Node {
             }
             VpWire::Undeploy { vp } => {
                 if self.vps.members.contains_key(&vp) {
-                    self.undeploy(vp);
+                    if self.vps.founded_by.get(&vp) == Some(&from) {
+                        self.undeploy(vp);
+                    } else {
+                        tracing::warn!(%vp, %from, "ignored an undeploy from a host that did not deploy this member");
+                    }
                 } else {
                     if self.vps.undone.len() >= UNDONE_MAX {
                         self.vps.undone.clear();
                     }
-                    self.vps.undone.insert(vp);
+                    self.vps.undone.insert((vp, from));
                 }
             }
             VpWire::Destroyed { vp } => {
@@ -1589,6 +1598,8 @@ impl Node {
             self.try_request(key);
         }
         self.fail_not_found(now);
+        let members = &self.vps.members;
+        self.vps.founded_by.retain(|vp, _| members.contains_key(vp));
         self.drain_tick(now);
         self.shed_tick(now);
         self.sample_tick(now);
@@ -1875,7 +1886,7 @@ impl Node {
             self.ack_deploy(&deploy, &reply_to, Err(destroyed_text(vp)));
             return;
         }
-        if self.vps.undone.contains(&vp) {
+        if self.vps.undone.contains(&(vp, deploy.module_from.peer)) {
             self.ack_deploy(&deploy, &reply_to, Err(undone_text(vp)));
             return;
         }
@@ -1996,7 +2007,7 @@ impl Node {
             return;
         }
         // The spawn may have undone it while the module was on its way.
-        if self.vps.undone.contains(&vp) {
+        if self.vps.undone.contains(&(vp, deploy.module_from.peer)) {
             tracing::info!(%vp, "deployment undone by its spawn before it started");
             self.ack_deploy(&deploy, &reply_to, Err(undone_text(vp)));
             return;
@@ -2015,6 +2026,9 @@ impl Node {
             Ok(handle) => {
                 tracing::info!(%vp, learner = deploy.founding.is_none(), "deployed");
                 self.vps.members.insert(vp, handle);
+                if deploy.founding.is_some() {
+                    self.vps.founded_by.insert(vp, deploy.module_from.peer);
+                }
                 self.ack_deploy(&deploy, &reply_to, Ok(()));
             }
             Err(e) => self.ack_deploy(&deploy, &reply_to, Err(format!("{e:#}"))),
