@@ -14,17 +14,19 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// One metric family: its `# HELP` and `# TYPE` lines, then its samples.
 struct Family<'a> {
     out: &'a mut String,
+    name: &'a str,
 }
 
 impl<'a> Family<'a> {
-    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+    fn new(out: &'a mut String, name: &'a str, kind: &str, help: &str) -> Family<'a> {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        Family { out }
+        Family { out, name }
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        self.out.push_str(name);
+    /// One sample of the family (every sample carries the family's name).
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.out.push_str(self.name);
         if !labels.is_empty() {
             self.out.push('{');
             for (i, (key, val)) in labels.iter().enumerate() {
@@ -55,11 +57,11 @@ fn escape(value: &str) -> String {
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
-    Family::new(out, name, "gauge", help).sample(name, &[], value);
+    Family::new(out, name, "gauge", help).sample(&[], value);
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    Family::new(out, name, "counter", help).sample(name, &[], value as f64);
+    Family::new(out, name, "counter", help).sample(&[], value as f64);
 }
 
 /// A per-member family: one sample per virtual peer this host runs a member of.
@@ -74,7 +76,7 @@ fn per_member(
     let mut family = Family::new(out, name, kind, help);
     for s in vps {
         let name_label = s.name.as_deref().unwrap_or("");
-        family.sample(name, &[("vp", &s.vp), ("name", name_label)], value(s));
+        family.sample(&[("vp", &s.vp), ("name", name_label)], value(s));
     }
 }
 
@@ -96,7 +98,6 @@ fn per_member_timing(
         let name_label = s.name.as_deref().unwrap_or("");
         for (quantile, us) in [("0.5", r.p50_us), ("0.99", r.p99_us), ("1", r.max_us)] {
             family.sample(
-                name,
                 &[("vp", &s.vp), ("name", name_label), ("quantile", quantile)],
                 us as f64 / 1e6,
             );
@@ -115,7 +116,6 @@ pub fn render(status: &HostStatus) -> String {
         "This host: 1, labelled with its ids and version.",
     )
     .sample(
-        "vp_host_info",
         &[
             ("host_id", &status.host_id),
             ("peer_id", &status.peer_id),
@@ -149,12 +149,10 @@ pub fn render(status: &HostStatus) -> String {
         "Frames not sent: the peer's queue was full, or the peer could not be reached.",
     )
     .sample(
-        "vp_host_frames_dropped_total",
         &[("reason", "queue_full")],
         c.frames_dropped_queue_full as f64,
     )
     .sample(
-        "vp_host_frames_dropped_total",
         &[("reason", "unreachable")],
         c.frames_dropped_unreachable as f64,
     );

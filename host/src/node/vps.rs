@@ -395,7 +395,8 @@ pub struct VpNode {
     undone: HashSet<(VpId, libp2p::PeerId)>,
     /// The host that sent each founding deployment of a member here: the
     /// only one whose `Undeploy` is obeyed (any other peer could otherwise
-    /// stop any member). Pruned to the members running.
+    /// stop any member). Pruned to the members running at each insertion,
+    /// so it holds at most one entry more than there are members.
     founded_by: HashMap<VpId, libp2p::PeerId>,
     /// Members of destroyed virtual peers, removed at the instant given
     /// (`DESTROY_LINGER` after the destroy was applied).
@@ -1376,12 +1377,10 @@ impl Node {
         }
         self.vps.shedding = Some(now);
         let me = consensus_host(self.me.host);
-        let mut vps: Vec<VpId> = self.vps.members.keys().copied().collect();
-        vps.sort_unstable_by(|a, b| b.cmp(a));
-        for vp in vps.into_iter().take(excess) {
-            if let Some(m) = self.vps.members.get(&vp) {
-                m.send(MemberEvent::Drain(me));
-            }
+        let mut members: Vec<_> = self.vps.members.iter().collect();
+        members.sort_unstable_by(|a, b| b.0.cmp(a.0));
+        for (_, m) in members.into_iter().take(excess) {
+            m.send(MemberEvent::Drain(me));
         }
     }
 
@@ -1598,8 +1597,6 @@ impl Node {
             self.try_request(key);
         }
         self.fail_not_found(now);
-        let members = &self.vps.members;
-        self.vps.founded_by.retain(|vp, _| members.contains_key(vp));
         self.drain_tick(now);
         self.shed_tick(now);
         self.sample_tick(now);
@@ -2027,6 +2024,9 @@ impl Node {
                 tracing::info!(%vp, learner = deploy.founding.is_none(), "deployed");
                 self.vps.members.insert(vp, handle);
                 if deploy.founding.is_some() {
+                    // (pruned here, at each founding, to the members running)
+                    let members = &self.vps.members;
+                    self.vps.founded_by.retain(|vp, _| members.contains_key(vp));
                     self.vps.founded_by.insert(vp, deploy.module_from.peer);
                 }
                 self.ack_deploy(&deploy, &reply_to, Ok(()));
