@@ -18,6 +18,15 @@ pub struct Limits {
     pub queue_bytes_max: usize,
     /// Pipeline window: slots proposed but not yet decided.
     pub window_slots_max: u64,
+    /// A batch that is not full (fewer than `batch_commands_max` commands and
+    /// `batch_bytes_max` bytes queued) is proposed only while fewer slots than
+    /// this are undecided; full batches go out up to `window_slots_max`. At 1,
+    /// a leader under moderate load keeps one slot in flight and everything
+    /// that queues meanwhile joins the next one: fewer, larger slots, so fewer
+    /// disk syncs and messages per command. It pipelines once the queue fills
+    /// whole batches. The default (`window_slots_max`) never holds a batch back.
+    #[serde(default = "open_window_default")]
+    pub partial_batch_window_slots: u64,
     /// Client batches the leader proposed that are not yet durable on its own
     /// disk. Beyond it, commands queue and join the next batch: batches grow
     /// with the load (one per disk write), an idle leader proposes at once.
@@ -64,6 +73,7 @@ impl Default for Limits {
             queue_commands_max: 100_000,
             queue_bytes_max: 64 << 20,
             window_slots_max: 32,
+            partial_batch_window_slots: open_window_default(),
             batches_writing_max: 2,
             promise_entries_max: 256,
             catchup_entries_max: 256,
@@ -80,6 +90,10 @@ impl Default for Limits {
             reads_pending_max: 10_000,
         }
     }
+}
+
+fn open_window_default() -> u64 {
+    32
 }
 
 impl Limits {

@@ -1727,6 +1727,12 @@ impl Replica {
             if l.queue.is_empty() || l.batches_writing.len() >= limits.batches_writing_max.max(1) {
                 return;
             }
+            // `inflight` holds exactly the proposed slots not yet decided.
+            let full = l.queue.len() >= limits.batch_commands_max
+                || l.queue_bytes + 16 >= limits.batch_bytes_max;
+            if !full && l.inflight.len() as u64 >= limits.partial_batch_window_slots.max(1) {
+                return;
+            }
             let mut commands = Vec::new();
             let mut bytes = 16usize;
             while let Some(c) = l.queue.front() {

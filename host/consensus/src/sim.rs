@@ -130,6 +130,8 @@ pub fn sim_limits() -> Limits {
     Limits {
         batch_commands_max: 4,
         window_slots_max: 4,
+        // Partial batches wait behind two undecided slots; full ones pipeline.
+        partial_batch_window_slots: 2,
         promise_entries_max: 5,
         catchup_entries_max: 6,
         snapshot_chunk_bytes_max: 64,

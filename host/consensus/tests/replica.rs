@@ -219,6 +219,36 @@ fn commands_queued_while_the_leader_writes_go_out_in_one_batch() {
 }
 
 #[test]
+fn a_partial_batch_waits_for_the_slot_in_flight_and_full_ones_pipeline() {
+    // (partial_batch_window_slots, batch sizes the followers apply)
+    for (window, sizes) in [(32, vec![1; 11]), (1, vec![1, 4, 4, 2])] {
+        let limits = Limits {
+            partial_batch_window_slots: window,
+            batch_commands_max: 4,
+            batches_writing_max: 100,
+            ..Limits::default()
+        };
+        let mut net = Net::new(3, limits);
+        net.elect(1);
+        net.put(1, 7, 0).expect("leader");
+        // The leader's write completes, its accepts are not delivered: slot 1
+        // stays undecided while ten more commands arrive one by one.
+        net.drain();
+        for seq in 1..=10 {
+            net.put(1, 7, seq).expect("leader");
+            net.drain();
+        }
+        // With a window of 1, commands wait until four fill a batch, which
+        // goes out at once; the last two wait for every slot to be decided.
+        net.settle();
+        net.heartbeat();
+        assert_eq!(net.batch_sizes(1), sizes, "window {window}");
+        assert_eq!(net.batch_sizes(2), sizes, "window {window}");
+        assert_eq!(net.batch_sizes(3), sizes, "window {window}");
+    }
+}
+
+#[test]
 fn proposals_are_refused_with_clear_errors() {
     let limits = Limits {
         window_slots_max: 1,

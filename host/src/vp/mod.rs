@@ -91,6 +91,10 @@ impl VpConfig {
             snapshot_chunk_bytes_max: 1 << 20,
             snapshot_chunks_in_flight_max: 8,
             reply_bytes_max: 1 << 20,
+            // One slot in flight unless batches fill (docs/consensus.md,
+            // "Batching"): on a loaded machine each slot's syncs and wake-ups
+            // cost more than the round it saves.
+            partial_batch_window_slots: 1,
             ..vp_consensus::Limits::default()
         }
     }
