@@ -79,6 +79,68 @@ async fn messages_flow_both_ways_in_order() {
     assert!(a.counters().frames_sent >= 100);
 }
 
+/// Frames sent at once from several threads outside the runtime (as member
+/// threads send), small ones and blobs larger than yamux's stream window,
+/// arrive whole and in each thread's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_many_threads_arrive_whole_in_each_threads_order() {
+    let (a, _a_events, _) = host(None).await;
+    let (_b, mut b_events, b_addr) = host(None).await;
+    let b_id = a.dial(b_addr).await.unwrap();
+    a.send(b_id, &Msg::Hello(0)).unwrap();
+    assert_eq!(next_message(&mut b_events).await.1, Msg::Hello(0));
+    const THREADS: u64 = 3;
+    const EACH: u64 = 300;
+    let senders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for i in 1..=EACH {
+                    let msg = if i % 50 == 0 {
+                        Msg::Blob(vec![(t * EACH + i) as u8; 700_000])
+                    } else {
+                        Msg::Hello(t * 1_000_000 + i)
+                    };
+                    // A full queue drops (the protocols tolerate loss); wait
+                    // and try again so that every frame is sent.
+                    while a.send(b_id, &msg).is_err() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next = [1u64; THREADS as usize];
+    let mut blobs = 0;
+    while next.iter().any(|n| *n <= EACH) {
+        match next_message(&mut b_events).await.1 {
+            Msg::Hello(v) => {
+                let (t, i) = ((v / 1_000_000) as usize, v % 1_000_000);
+                assert_eq!(i, next[t], "thread {t}'s frames out of order");
+                next[t] += 1;
+            }
+            Msg::Blob(bytes) => {
+                // A blob is the frame after the thread's last hello.
+                let t = next
+                    .iter()
+                    .enumerate()
+                    .find(|(t, n)| **n % 50 == 0 && bytes[0] == (*t as u64 * EACH + **n) as u8)
+                    .map(|(t, _)| t)
+                    .expect("a blob where some thread's sequence has one");
+                assert_eq!(bytes.len(), 700_000);
+                let other = bytes.iter().position(|b| *b != bytes[0]);
+                assert_eq!(other, None, "a blob arrived mixed with other bytes");
+                next[t] += 1;
+                blobs += 1;
+            }
+        }
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert_eq!(blobs, THREADS * EACH / 50);
+}
+
 #[tokio::test]
 async fn peers_learned_second_hand_are_dialed_on_demand() {
     let (a, _a_events, _) = host(None).await;
