@@ -447,6 +447,50 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     for h in &c.hosts {
         assert!(h.status().await.is_ok(), "{} stopped answering", h.name);
     }
+    // A hostile peer: a stranger (it deployed nothing) tells a member's host
+    // to stop its member. The host ignores it, says so, and keeps the member.
+    let s = c.vp_status(0, &vp).await.unwrap();
+    let member = c
+        .index_of(&s.voters[0])
+        .await
+        .expect("a host of this cluster");
+    let target = c.hosts[member].status().await.unwrap();
+    let (stranger, _events) = vp_host::net::Net::<vp_host::node::Wire>::start(
+        libp2p::identity::Keypair::generate_ed25519(),
+        vp_host::net::NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = target
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .expect("a TCP listen address")
+        .parse()
+        .unwrap();
+    let peer = stranger.dial(addr).await.unwrap();
+    let undeploy = vp_host::vp::wire::VpWire::Undeploy {
+        vp: vp.parse().unwrap(),
+    };
+    stranger
+        .send(peer, &vp_host::node::Wire::Vp(undeploy))
+        .unwrap();
+    let ignored = "ignored an undeploy from a host that did not deploy this member";
+    wait_for(Duration::from_secs(20), || {
+        c.hosts[member].log().contains(ignored).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{} never logged {ignored:?}", c.hosts[member].name));
+    let still = c.hosts[member].status().await.unwrap();
+    assert!(
+        still.virtual_peers.iter().any(|v| v.vp == s.vp),
+        "{} stopped its member on a stranger's word",
+        c.hosts[member].name
+    );
+    assert_eq!(c.ask(member, &vp, json!({"add": 1})).await, json!(3));
     let s = c.vp_status(0, &vp).await.unwrap();
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
