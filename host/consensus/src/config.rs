@@ -25,7 +25,7 @@ pub struct Limits {
     /// that queues meanwhile joins the next one: fewer, larger slots, so fewer
     /// disk syncs and messages per command. It pipelines once the queue fills
     /// whole batches. The default (`window_slots_max`) never holds a batch back.
-    #[serde(default = "open_window_default")]
+    #[serde(default = "window_slots_default")]
     pub partial_batch_window_slots: u64,
     /// Client batches the leader proposed that are not yet durable on its own
     /// disk. Beyond it, commands queue and join the next batch: batches grow
@@ -72,8 +72,8 @@ impl Default for Limits {
             command_bytes_max: 1 << 20,
             queue_commands_max: 100_000,
             queue_bytes_max: 64 << 20,
-            window_slots_max: 32,
-            partial_batch_window_slots: open_window_default(),
+            window_slots_max: WINDOW_SLOTS_DEFAULT,
+            partial_batch_window_slots: WINDOW_SLOTS_DEFAULT,
             batches_writing_max: 2,
             promise_entries_max: 256,
             catchup_entries_max: 256,
@@ -92,8 +92,12 @@ impl Default for Limits {
     }
 }
 
-fn open_window_default() -> u64 {
-    32
+/// The default pipeline window, and the default partial-batch window (which
+/// then never holds a batch back).
+const WINDOW_SLOTS_DEFAULT: u64 = 32;
+
+fn window_slots_default() -> u64 {
+    WINDOW_SLOTS_DEFAULT
 }
 
 impl Limits {

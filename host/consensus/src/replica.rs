@@ -39,6 +39,8 @@ struct Log {
 /// Entries of a truncated log freed after each input (a checkpoint's worth,
 /// about 10,000 entries, is freed within a few hundred inputs).
 const LOG_ENTRIES_FREED_PER_INPUT: usize = 64;
+/// Bytes a batch counts for itself (its stamp) against `batch_bytes_max`.
+const BATCH_HEADER_BYTES: usize = 16;
 
 impl Log {
     fn new(start: u64) -> Log {
@@ -1729,12 +1731,12 @@ impl Replica {
             }
             // `inflight` holds exactly the proposed slots not yet decided.
             let full = l.queue.len() >= limits.batch_commands_max
-                || l.queue_bytes + 16 >= limits.batch_bytes_max;
+                || l.queue_bytes + BATCH_HEADER_BYTES >= limits.batch_bytes_max;
             if !full && l.inflight.len() as u64 >= limits.partial_batch_window_slots.max(1) {
                 return;
             }
             let mut commands = Vec::new();
-            let mut bytes = 16usize;
+            let mut bytes = BATCH_HEADER_BYTES;
             while let Some(c) = l.queue.front() {
                 let cost = c.cost_bytes();
                 if !commands.is_empty()
