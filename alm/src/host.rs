@@ -54,6 +54,10 @@ pub enum Event<C> {
         found: NodeRef<C>,
         /// True if `found.key == target`.
         exact: bool,
+        /// When not exact: `found`'s level-0 neighbour beyond the target, so
+        /// `found` and `next` are the two keys around it (None at either end
+        /// of the list).
+        next: Option<NodeRef<C>>,
         /// Forwards it took.
         hops: u32,
     },
@@ -1390,6 +1394,7 @@ impl<C: Contact> AlmHost<C> {
                     target: s.target,
                     found,
                     exact,
+                    next: if exact { None } else { next },
                     hops,
                 });
             }

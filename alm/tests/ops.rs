@@ -14,6 +14,54 @@ fn searches_find_their_owner() {
     });
 }
 
+/// A search for a key nobody holds ends at one of the two keys around it and
+/// names the other (`next`): placement counts both as drawn, so a host is
+/// not missed because every search arrives from its other side.
+#[test]
+fn searches_for_absent_keys_name_both_keys_around_them() {
+    for_seeds([23, 24], |seed| {
+        let mut sim = build(seed, 120, 10, None);
+        let keys: Vec<vp_alm::Key> = sim.live_keys().into_iter().map(|(k, _)| k).collect();
+        let hosts = common::hosts_with_keys(&sim);
+        let mut sent = Vec::new();
+        for _ in 0..300 {
+            let from = hosts[sim.rng().below(hosts.len() as u64) as usize];
+            let target = host_key(&mut sim);
+            let op = sim.search(from, target.clone()).expect("search");
+            sent.push((op, target));
+        }
+        sim.run_for(10_000_000);
+        let mut ends = 0;
+        for (op, target) in sent {
+            let (found, next) = sim
+                .events
+                .iter()
+                .find_map(|(_, e)| match e {
+                    vp_alm::Event::SearchDone {
+                        op: o, found, next, ..
+                    } if *o == op => {
+                        Some((found.key.clone(), next.as_ref().map(|n| n.key.clone())))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("seed {seed}: search {op} got no answer"));
+            let below = keys.iter().rev().find(|k| **k < target).cloned();
+            let above = keys.iter().find(|k| **k > target).cloned();
+            let mut got = vec![Some(found.clone()), next];
+            let mut want = vec![below, above];
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "seed {seed}: search for {target} found {found}");
+            ends += usize::from(want[0].is_none());
+        }
+        // Most targets lie between two keys; the check covers that case.
+        assert!(
+            ends < 30,
+            "seed {seed}: {ends} of 300 targets beyond the ends"
+        );
+    });
+}
+
 #[test]
 fn multicasts_reach_exactly_their_range_once() {
     for_seeds([31, 32], |seed| {

@@ -399,6 +399,7 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
                 op: 4,
                 memberships: 2,
                 room: true,
+                neighbours: vec![(CHostId(1), contact.clone())],
             },
         ),
         ("drain", VpWire::Drain { vp }),

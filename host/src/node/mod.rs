@@ -471,9 +471,10 @@ impl Node {
                 found,
                 exact,
                 hops,
+                next,
                 ..
             } => {
-                if self.on_vp_search(op, Some(&found)) {
+                if self.on_vp_search(op, Some(&found), next.as_ref()) {
                     return;
                 }
                 if let Some(waiter) = self.searches.remove(&op) {
@@ -485,7 +486,7 @@ impl Node {
                 }
             }
             AlmEvent::SearchFailed { op, error, .. } => {
-                if self.on_vp_search(op, None) {
+                if self.on_vp_search(op, None, None) {
                     return;
                 }
                 if let Some(waiter) = self.searches.remove(&op) {

@@ -163,6 +163,33 @@ impl Sample {
         }
     }
 
+    /// Hosts a candidate named as its overlay neighbours: those that are not
+    /// candidates yet (nor excluded) join while the sample has fewer than it
+    /// draws (`sample_size`), and are returned to be asked for their load. In
+    /// a large network the searches fill the sample and this adds nobody; in
+    /// a small one, where random points keep finding the same few hosts, it
+    /// walks the overlay to the rest.
+    fn named(
+        &mut self,
+        hosts: impl IntoIterator<Item = (HostId, PeerContact)>,
+    ) -> Vec<PeerContact> {
+        let mut ask = Vec::new();
+        if self.asked.is_none() {
+            return ask;
+        }
+        for (host, contact) in hosts {
+            if self.candidates.len() >= sample_size(self.want) {
+                break;
+            }
+            if self.exclude.contains(&host) || self.candidates.contains_key(&host) {
+                continue;
+            }
+            self.candidates.insert(host, contact.clone());
+            ask.push(contact);
+        }
+        ask
+    }
+
     /// Whether the sample can answer: every candidate answered, or enough
     /// with room did and the others had a moment more, or the deadline.
     fn decided(&self, now: Instant) -> bool {
@@ -180,6 +207,14 @@ impl Sample {
     /// in random order), at most `want`. Only hosts that answered are alive
     /// enough to host a member.
     fn answer(self) {
+        tracing::debug!(
+            want = self.want,
+            candidates = self.candidates.len(),
+            answered = self.loads.len(),
+            with_room = self.loads.values().filter(|l| l.is_some()).count(),
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            "placement sample decided"
+        );
         let loads = self.loads;
         let mut found: Vec<Candidate> = self
             .candidates
@@ -201,6 +236,16 @@ impl Sample {
         let _ = self.reply.send(found);
     }
 }
+
+/// Hosts a placement sample draws for `want` members: as many searches, and
+/// (counting hosts it has heard from and hosts named by the answers) at most
+/// that many hosts added besides the searches' finds.
+fn sample_size(want: usize) -> usize {
+    2 * want + 4
+}
+
+/// Overlay neighbours a `Load` answer names (levels 0 and 1, both sides).
+const LOAD_NEIGHBOURS_MAX: usize = 4;
 
 /// Placement waits this long for the searches, at most, once it has more
 /// candidates than it wants (a search routed through a dead host waits for the
@@ -926,6 +971,7 @@ impl Node {
             VpWire::LoadQuery { op, memory_bytes } => {
                 let memberships = self.vps.members.len() as u32;
                 let room = self.has_room(memory_bytes);
+                let neighbours = self.overlay_neighbours();
                 self.send_vp(
                     &PeerContact {
                         peer: from,
@@ -935,6 +981,7 @@ impl Node {
                         op,
                         memberships,
                         room,
+                        neighbours,
                     },
                 );
             }
@@ -942,12 +989,23 @@ impl Node {
                 op,
                 memberships,
                 room,
+                neighbours,
             } => {
+                let gone = &self.vps.gone;
                 if let Some(sample) = self.vps.samples.get_mut(&op) {
                     sample.answered(
                         consensus_host(host_id_of(&from)),
                         room.then_some(memberships),
                     );
+                    let named = neighbours
+                        .into_iter()
+                        .take(LOAD_NEIGHBOURS_MAX)
+                        .filter(|(_, c)| !gone.contains_key(&c.peer));
+                    let ask = sample.named(named);
+                    let memory_bytes = sample.memory_bytes;
+                    for contact in ask {
+                        self.send_vp(&contact, VpWire::LoadQuery { op, memory_bytes });
+                    }
                     // Decide as soon as the answers allow, not at the next tick.
                     self.sample_tick(Instant::now());
                 }
@@ -1140,6 +1198,7 @@ impl Node {
         &mut self,
         op: OpId,
         found: Option<&vp_alm::NodeRef<PeerContact>>,
+        next: Option<&vp_alm::NodeRef<PeerContact>>,
     ) -> bool {
         if let Some(host) = self.vps.resolving.remove(&op) {
             if let Some(n) = found.filter(|n| n.host.0 == host.0) {
@@ -1157,7 +1216,11 @@ impl Node {
         if let Some(sample_op) = self.vps.sample_searches.remove(&op) {
             if let Some(sample) = self.vps.samples.get_mut(&sample_op) {
                 sample.searches -= 1;
-                if let Some(n) = found {
+                // Both keys around the random point count as drawn: a search
+                // ends at the one on the side it arrives from, and all of this
+                // host's searches arrive from its own key, so counting only
+                // that one left a host at an end of the list almost never drawn.
+                for n in found.into_iter().chain(next) {
                     let host = consensus_host(n.host);
                     if !sample.exclude.contains(&host) {
                         sample.candidates.insert(host, n.contact.clone());
@@ -1680,7 +1743,7 @@ impl Node {
         let op = self.vps.op();
         let now = self.now();
         let mut searches = 0;
-        for _ in 0..(2 * want + 4) {
+        for _ in 0..sample_size(want) {
             let key = Key::new(format!("h/{:016x}", rand::random::<u64>()).into_bytes());
             if let Ok(search) = self.alm.search(now, key) {
                 self.vps.sample_searches.insert(search, op);
@@ -1696,7 +1759,7 @@ impl Node {
             candidates.insert(me, self.me.contact.clone());
         }
         let gone = &self.vps.gone;
-        for (host, contact) in self.vps.directory.sample(2 * want + 4, |h, c| {
+        for (host, contact) in self.vps.directory.sample(sample_size(want), |h, c| {
             h == me || exclude.contains(&h) || gone.contains_key(&c.peer)
         }) {
             candidates.insert(host, contact);
@@ -1714,6 +1777,23 @@ impl Node {
             reply,
         };
         self.vps.samples.insert(op, sample);
+    }
+
+    /// This host's overlay neighbours at levels 0 and 1 (both sides), for a
+    /// `Load` answer.
+    fn overlay_neighbours(&self) -> Vec<(HostId, PeerContact)> {
+        let mut found: Vec<(HostId, PeerContact)> = Vec::new();
+        let Some(node) = self.alm.node(&host_key(self.me.host)) else {
+            return found;
+        };
+        for n in node.levels.iter().take(2).flatten().flatten() {
+            let host = consensus_host(n.host);
+            if n.host != self.me.host && !found.iter().any(|(h, _)| *h == host) {
+                found.push((host, n.contact.clone()));
+            }
+        }
+        found.truncate(LOAD_NEIGHBOURS_MAX);
+        found
     }
 
     /// The most virtual peers this host runs a member of.
@@ -2902,6 +2982,41 @@ mod tests {
         s.answer();
         let found: Vec<u64> = rx.try_recv().unwrap().iter().map(|c| c.host.0).collect();
         assert_eq!(found, vec![4, 3]);
+    }
+
+    /// In a small network the searches can miss a host; the candidates'
+    /// answers name their overlay neighbours, and the sample asks those it
+    /// did not have (not excluded ones, not twice, no more than it draws),
+    /// and waits for their answers.
+    #[test]
+    fn a_sample_asks_the_hosts_its_candidates_name() {
+        let contact = |_| PeerContact {
+            peer: libp2p::PeerId::random(),
+            addrs: Vec::new(),
+        };
+        let (mut s, mut rx) = sample(3, &[1, 2]);
+        s.exclude.insert(HostId(7));
+        s.answered(HostId(1), Some(0));
+        let named = [2, 3, 7, 3].map(|h| (HostId(h), contact(h)));
+        let ask = s.named(named.clone());
+        assert_eq!(ask.len(), 1, "only host 3 is new and not excluded");
+        assert_eq!(ask[0].peer, named[1].1.peer);
+        s.answered(HostId(2), Some(1));
+        assert!(
+            !s.decided(s.asked.unwrap()),
+            "host 3 was asked and has not answered"
+        );
+        s.answered(HostId(3), Some(0));
+        assert!(s.decided(s.asked.unwrap()));
+        s.answer();
+        let mut found: Vec<u64> = rx.try_recv().unwrap().iter().map(|c| c.host.0).collect();
+        found.sort();
+        assert_eq!(found, vec![1, 2, 3]);
+
+        // A sample that holds as many hosts as it draws adds no more.
+        let full: Vec<u64> = (1..=sample_size(1) as u64).collect();
+        let (mut s, _rx) = sample(1, &full);
+        assert!(s.named([(HostId(99), contact(99))]).is_empty());
     }
 
     #[test]

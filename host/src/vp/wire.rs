@@ -128,6 +128,11 @@ pub enum VpWire {
         /// Whether it takes that member (`vp-host join --memberships-max`,
         /// `--guest-memory-max`).
         room: bool,
+        /// The sender's overlay neighbours (levels 0 and 1, at most
+        /// `LOAD_NEIGHBOURS_MAX`): a sample that has found fewer hosts than
+        /// it draws asks them too, so in a small network every host is found.
+        #[serde(default)]
+        neighbours: Vec<(HostId, PeerContact)>,
     },
     /// The sender's host is leaving (`vp-host drain`): to `vp`'s leader,
     /// which replaces it while it still votes. Asked again every second.
