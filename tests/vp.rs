@@ -1264,6 +1264,16 @@ async fn placement_keeps_to_what_each_host_lends() {
             .log()
             .contains("more members than --memberships-max")
     );
+    // While no host had room the leader asked again and again; it encoded the
+    // guest for a checkpoint once, not at each attempt (consensus refuses a
+    // second checkpoint of the same slot as stale).
+    for h in &c.hosts {
+        assert!(
+            !h.log().contains("checkpoint refused"),
+            "{}: a checkpoint was encoded for nothing",
+            h.name
+        );
+    }
     assert_eq!(c.ask(1, &a, json!("get")).await, json!(2));
     assert_eq!(c.ask(1, &b, json!({"add": 5})).await, json!(5));
 }

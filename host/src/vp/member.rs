@@ -462,6 +462,7 @@ pub fn start_member(
         leading_since: None,
         outbox_sent: HashMap::new(),
         replacing: None,
+        replace_checkpointed: None,
         was_member: false,
         heard_at: Time(0),
         grace_until: Time(0),
@@ -779,7 +780,7 @@ const LOCATOR_TTL: Duration = Duration::from_secs(1);
 const DOWN_REPLACE_AFTER: Duration = Duration::from_millis(150);
 /// After a replacement found no host (none with room, or the one chosen
 /// refused), the next attempt waits this long: each attempt samples the
-/// overlay and checkpoints the guest, once every 25 ms tick before.
+/// overlay (the first one also checkpoints the guest).
 const REPLACE_RETRY: Duration = Duration::from_millis(500);
 /// Applied slots past the last checkpoint beyond which a replacement takes a
 /// fresh checkpoint for the new member.
@@ -837,6 +838,8 @@ struct Member {
     leading_since: Option<Time>,
     outbox_sent: HashMap<u64, Time>,
     replacing: Option<Replacement>,
+    /// The host the last replacement attempt was for (it checkpointed then).
+    replace_checkpointed: Option<HostId>,
     /// Hosts whose connections all closed lately (`PeerDown`), and when.
     down: HashMap<HostId, Time>,
     /// The learner in the configuration, and since when this member saw it.
@@ -1431,8 +1434,15 @@ impl Member {
         });
         // Checkpoint now, while the node finds a host and deploys the
         // module there: the snapshot the new member receives is ready
-        // when that host is.
-        self.checkpoint(true);
+        // when that host is. An attempt again for the same host (the last
+        // found no host with room) takes one only if the last is stale, as
+        // `on_replacement_ready` would: a leaving host with nowhere to go is
+        // asked about every second, and a large guest was encoded each time.
+        let again = self.replace_checkpointed == Some(old);
+        self.replace_checkpointed = Some(old);
+        if !again || self.applied.0 > self.last_checkpoint.0 + REPLACE_FRESH_CHECKPOINT_SLOTS {
+            self.checkpoint();
+        }
     }
 
     /// A voter's host is leaving: the leader replaces it now (its host asks
@@ -1474,7 +1484,7 @@ impl Member {
         // receives (strong migration), then the log after it; a newer one only
         // if much happened meanwhile.
         if self.applied.0 > self.last_checkpoint.0 + REPLACE_FRESH_CHECKPOINT_SLOTS {
-            self.checkpoint(true);
+            self.checkpoint();
         }
         match self.replica.reconfigure(
             now,
@@ -1683,16 +1693,18 @@ impl Member {
         let due = slot.0.saturating_sub(self.last_checkpoint.0) >= self.cfg.checkpoint_every_slots
             || self.log_bytes_since_checkpoint >= CHECKPOINT_LOG_BYTES;
         if due {
-            self.checkpoint(false);
+            self.checkpoint();
         }
     }
 
-    /// Hand consensus an image of the state as of the last applied slot.
-    fn checkpoint(&mut self, forced: bool) {
+    /// Hand consensus an image of the state as of the last applied slot,
+    /// unless nothing was applied since the last one (consensus would refuse
+    /// it as stale after the guest was encoded for nothing).
+    fn checkpoint(&mut self) {
         let Some(guest) = self.guest.as_mut() else {
             return;
         };
-        if self.applied.0 == 0 || (!forced && self.applied <= self.last_checkpoint) {
+        if self.applied.0 == 0 || self.applied <= self.last_checkpoint {
             return;
         }
         let started = std::time::Instant::now();
