@@ -491,9 +491,83 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         c.hosts[member].name
     );
     assert_eq!(c.ask(member, &vp, json!({"add": 1})).await, json!(3));
+
+    // The stranger tells the host that runs no member that the virtual peer
+    // was destroyed, again and again while a client sends through that host.
+    // A notice that answers none of its locates or requests is not believed.
+    let mut outsider = None;
+    for (i, h) in c.hosts.iter().enumerate() {
+        if !s.voters.contains(&h.host_id) {
+            outsider = Some(i);
+        }
+    }
+    let outsider = outsider.expect("a host that is not a member");
+    let addr = c.hosts[outsider]
+        .status()
+        .await
+        .unwrap()
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .expect("a TCP listen address")
+        .parse()
+        .unwrap();
+    let peer = stranger.dial(addr).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let liar = {
+        let (stranger, stop, vp) = (stranger.clone(), stop.clone(), vp.parse().unwrap());
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answers = if sent.is_multiple_of(2) {
+                    0
+                } else {
+                    rand::random()
+                };
+                let notice = vp_host::vp::wire::VpWire::Destroyed { vp, answers };
+                if stranger
+                    .send(peer, &vp_host::node::Wire::Vp(notice))
+                    .is_ok()
+                {
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    let first = wait_for(Duration::from_secs(20), || {
+        c.hosts[outsider]
+            .log()
+            .contains("ignored a destroyed notice")
+            .then_some(())
+    })
+    .await;
+    let answers: Vec<Value> = three_adds(&c, outsider, &vp).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = liar.await.unwrap();
+    assert!(
+        first.is_some(),
+        "{} never logged an ignored destroyed notice ({sent} sent)",
+        c.hosts[outsider].name
+    );
+    assert_eq!(
+        answers,
+        vec![json!(4), json!(5), json!(6)],
+        "after {sent} false notices"
+    );
     let s = c.vp_status(0, &vp).await.unwrap();
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
+}
+
+/// Three adds in turn through host `via` (each after the last answered).
+async fn three_adds(c: &Cluster, via: usize, vp: &str) -> Vec<Value> {
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(c.ask(via, vp, json!({"add": 1})).await);
+    }
+    answers
 }
 
 /// One client operation in the history file (JSON lines; docs/architecture.md).
@@ -1294,6 +1368,11 @@ async fn destroy_removes_every_member_even_one_that_was_down() {
     for v in &s.voters {
         members.push(c.index_of(v).await.unwrap());
     }
+    // The host that runs no member has talked to it (a client there).
+    let outsider = (0..c.hosts.len())
+        .find(|i| !members.contains(i))
+        .expect("a host that is not a member");
+    assert_eq!(c.ask(outsider, &vp, json!("get")).await, json!(7));
     let leader = s.leader.clone().expect("a leader");
     let away = *members
         .iter()
@@ -1335,9 +1414,16 @@ async fn destroy_removes_every_member_even_one_that_was_down() {
         let st = c.hosts[m].status().await.unwrap();
         assert!(st.virtual_peers.is_empty(), "host {m} still runs a member");
     }
-    // Messages and status now say so, through a host that took part. (One
-    // that never talked to it finds no member, as for an id never used.)
-    for via in members.iter().copied().chain([0]).filter(|&i| i != away) {
+    // Messages and status now say so, through a host that took part, and
+    // through the client's host: a former member answers its request or
+    // locate with `Destroyed`, naming what it answers. (A host that never
+    // talked to it finds no member, as for an id never used.)
+    for via in members
+        .iter()
+        .copied()
+        .chain([0, outsider])
+        .filter(|&i| i != away)
+    {
         let sent = c.send(via, &vp, json!({"add": 1})).await;
         let text = format!("{sent:?}");
         assert!(text.contains("destroyed"), "via host {via}: {text}");

@@ -374,7 +374,13 @@ fn vp_frames() -> Vec<(&'static str, Wire)> {
             },
         ),
         ("undeploy", VpWire::Undeploy { vp }),
-        ("destroyed", VpWire::Destroyed { vp }),
+        (
+            "destroyed",
+            VpWire::Destroyed {
+                vp,
+                answers: 0x5eed,
+            },
+        ),
         ("fetch-module", VpWire::FetchModule { hash, offset: 0 }),
         (
             "module-chunk",

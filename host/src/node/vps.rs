@@ -278,6 +278,9 @@ const UNDONE_MAX: usize = 4096;
 /// A placement gives up after this long.
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
+/// Locates per virtual peer whose nonces a host remembers: a late answer to
+/// one of the last few still counts (locates repeat every 40 ms).
+const LOCATE_NONCES: usize = 8;
 /// Locate multicasts remembered (their `MulticastEmpty` reports name the op).
 const LOCATE_OPS_MAX: usize = 4096;
 /// A virtual peer whose key range has been empty this long, and none of
@@ -432,6 +435,10 @@ pub struct VpNode {
     /// at most `DESTROYED_SEEN_MAX`: asked about again, this host answers
     /// at once instead of locating members that are gone.
     destroyed_seen: HashSet<VpId>,
+    /// The nonces of the last `LOCATE_NONCES` locates per virtual peer (a
+    /// `Destroyed` answering one is believed), for at most `LOCATE_OPS_MAX`
+    /// virtual peers (cleared when full).
+    locate_nonces: HashMap<VpId, [u64; LOCATE_NONCES]>,
     /// Virtual peers whose founding deployment the spawning host undid
     /// (`VpWire::Undeploy`) before this host had started a member: one still
     /// fetching or compiling its module is refused when it gets there, not
@@ -501,6 +508,7 @@ impl VpNode {
             modules,
             tombstones,
             destroyed_seen: HashSet::new(),
+            locate_nonces: HashMap::new(),
             undone: HashSet::new(),
             founded_by: HashMap::new(),
             destroying: HashMap::new(),
@@ -782,7 +790,7 @@ impl Node {
                         peer: from,
                         addrs: Vec::new(),
                     },
-                    VpWire::Destroyed { vp },
+                    VpWire::Destroyed { vp, answers: 0 },
                 );
             }
             None => {
@@ -802,7 +810,8 @@ impl Node {
                     m.send(MemberEvent::Locate { nonce, reply_to });
                 }
                 None if self.vps.tombstones.contains(vp) => {
-                    self.send_vp(&reply_to, VpWire::Destroyed { vp });
+                    let answers = u128::from(nonce);
+                    self.send_vp(&reply_to, VpWire::Destroyed { vp, answers });
                 }
                 None => tracing::trace!(%vp, "locate for a virtual peer this host is not in"),
             },
@@ -846,7 +855,8 @@ impl Node {
                     m.send(MemberEvent::Request(req));
                 }
                 None if self.vps.tombstones.contains(req.vp) => {
-                    self.send_vp(&req.reply_to, VpWire::Destroyed { vp: req.vp });
+                    let (vp, answers) = (req.vp, req.client.0);
+                    self.send_vp(&req.reply_to, VpWire::Destroyed { vp, answers });
                 }
                 None => {
                     let msg = VpWire::Redirect {
@@ -918,10 +928,16 @@ impl Node {
                     self.vps.undone.insert((vp, from));
                 }
             }
-            VpWire::Destroyed { vp } => {
+            VpWire::Destroyed { vp, answers } => {
                 let host = consensus_host(host_id_of(&from));
                 if let Some(m) = self.vps.members.get(&vp) {
+                    // The member believes it only from one of its voters.
                     m.send(MemberEvent::PeerDestroyed(host));
+                    return;
+                }
+                if !self.asked(vp, answers) {
+                    tracing::debug!(%vp, %from, "ignored a destroyed notice that answers no locate or request of this host");
+                    return;
                 }
                 if self.vps.destroyed_seen.len() >= DESTROYED_SEEN_MAX {
                     self.vps.destroyed_seen.clear();
@@ -1315,6 +1331,22 @@ impl Node {
         }
     }
 
+    /// Whether `answers` names a locate for `vp` this host sent lately or a
+    /// request for it still in flight (what a `Destroyed` must answer).
+    fn asked(&self, vp: VpId, answers: u128) -> bool {
+        answers != 0
+            && (self
+                .vps
+                .locate_nonces
+                .get(&vp)
+                .is_some_and(|n| n.iter().any(|&x| u128::from(x) == answers))
+                || self
+                    .vps
+                    .outstanding
+                    .keys()
+                    .any(|k| k.0 == vp && k.1.0 == answers))
+    }
+
     /// Ask the virtual peer's members (a multicast over its key prefix) who leads.
     fn locate(&mut self, vp: VpId) {
         let now = Instant::now();
@@ -1327,9 +1359,16 @@ impl Node {
             return;
         }
         self.vps.locating.insert(vp, now);
+        let nonce = rand::random::<u64>() | 1;
+        if self.vps.locate_nonces.len() >= LOCATE_OPS_MAX {
+            self.vps.locate_nonces.clear();
+        }
+        let nonces = self.vps.locate_nonces.entry(vp).or_default();
+        nonces.rotate_right(1);
+        nonces[0] = nonce;
         let msg = VpWire::Locate {
             vp,
-            nonce: rand::random(),
+            nonce,
             reply_to: self.me.contact.clone(),
         };
         let payload = match vp_guest_sdk::abi::encode(&msg) {

@@ -101,6 +101,13 @@ pub enum VpWire {
     /// was destroyed leaves too.
     Destroyed {
         vp: VpId,
+        /// What it answers: a `Locate`'s nonce, or a `Request`'s client id;
+        /// 0 for consensus traffic to a former member (whose member checks
+        /// that the sender is a voter). A host that runs no member of `vp`
+        /// believes the notice only if it answers a locate or request it has
+        /// in flight: a stranger knows neither.
+        #[serde(default)]
+        answers: u128,
     },
     FetchModule {
         hash: ModuleHash,
