@@ -455,7 +455,7 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         .await
         .expect("a host of this cluster");
     let target = c.hosts[member].status().await.unwrap();
-    let (stranger, _events) = vp_host::net::Net::<vp_host::node::Wire>::start(
+    let (stranger, mut events) = vp_host::net::Net::<vp_host::node::Wire>::start(
         libp2p::identity::Keypair::generate_ed25519(),
         vp_host::net::NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
@@ -555,6 +555,98 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         answers,
         vec![json!(4), json!(5), json!(6)],
         "after {sent} false notices"
+    );
+    // A deployment undone while its module is on the way: the stranger deploys
+    // a one-member virtual peer to the outsider and serves the module, but
+    // sends `Undeploy` before the module's first chunk. The host fetches and
+    // compiles it, then refuses to start the member nobody will use.
+    use vp_host::node::Wire;
+    use vp_host::vp::wire::{Deploy, VpWire};
+    let host = vp_consensus::HostId(vp_host::node::overlay::host_id_of(&peer).0);
+    let me = vp_host::node::overlay::PeerContact {
+        peer: stranger.local_peer_id(),
+        addrs: Vec::new(),
+    };
+    let undone = vp_guest_sdk::abi::VpId(rand::random());
+    let config = vp_host::vp::VpConfig {
+        vp: undone,
+        name: None,
+        module: ModuleHash::of(vp_apps::COUNTER),
+        module_bytes: vp_apps::COUNTER.len() as u64,
+        limits: Default::default(),
+        members: 1,
+        timing: vp_host::vp::VpConfig::default_timing(),
+        replace_after_ms: 500,
+        checkpoint_every_slots: 1024,
+    };
+    let deploy = Deploy {
+        op: 77,
+        config,
+        founding: Some(vp_host::node::vps::founding(vec![host])),
+        module_from: me.clone(),
+        members: vec![(host, me)],
+    };
+    stranger
+        .send(peer, &Wire::Vp(VpWire::Deploy(deploy)))
+        .unwrap();
+    let ack = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut undo_sent = false;
+        loop {
+            let Some(event) = events.recv().await else {
+                panic!("the stranger's network stopped");
+            };
+            let vp_host::net::NetEvent::Message { from, msg } = event else {
+                continue;
+            };
+            match msg {
+                Wire::Vp(VpWire::FetchModule { hash, offset }) if from == peer => {
+                    if !undo_sent {
+                        let undo = VpWire::Undeploy { vp: undone };
+                        stranger.send(peer, &Wire::Vp(undo)).unwrap();
+                        undo_sent = true;
+                    }
+                    let start = offset as usize;
+                    let end = (start + (256 << 10)).min(vp_apps::COUNTER.len());
+                    let chunk = VpWire::ModuleChunk {
+                        hash,
+                        offset,
+                        total: vp_apps::COUNTER.len() as u64,
+                        bytes: vp_apps::COUNTER[start..end].to_vec(),
+                    };
+                    stranger.send(peer, &Wire::Vp(chunk)).unwrap();
+                }
+                Wire::Vp(VpWire::DeployAck { op: 77, vp, result }) if vp == undone => {
+                    break (undo_sent, result);
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("no answer to the deployment within 60 s");
+    assert!(ack.0, "the host never fetched the module");
+    let why = ack.1.expect_err("the undone deployment started a member");
+    assert!(why.contains("undone"), "{why}");
+    let status = c.hosts[outsider].status().await.unwrap();
+    assert!(
+        status
+            .virtual_peers
+            .iter()
+            .all(|v| v.vp != undone.to_string()),
+        "{:?}",
+        status.virtual_peers
+    );
+    assert!(
+        c.hosts[outsider]
+            .log()
+            .contains("deployment undone by its spawn before it started")
+    );
+    assert!(
+        !c.hosts[outsider]
+            .data_dir
+            .join("vps")
+            .join(undone.to_string())
+            .exists()
     );
     let s = c.vp_status(0, &vp).await.unwrap();
     let states = converged(&c, &vp, &s.voters).await;
