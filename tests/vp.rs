@@ -284,6 +284,40 @@ async fn spawn_send_status_and_every_example_app() {
         String::from_utf8_lossy(&out.stderr).contains("(60 earlier line(s) not shown)"),
         "{out:?}"
     );
+    // 750 lines more: the member keeps the last 1,000, so a reader still at
+    // the start is told lines after its position are gone; one at the last
+    // line it read (still kept) is not.
+    let last_read = lines[259]
+        .split('[')
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .expect("a [SLOT.N] position")
+        .to_string();
+    let more: String = (0..750u64)
+        .map(|i| format!("{{\"bridge\": \"{:016x}\"}}\n", 0xc000 + i))
+        .collect();
+    let out = common::run(&["--data-dir", &dir1, "send", &b, "-"], &more);
+    assert_eq!(common::stdout_lines(&out).len(), 750, "{out:?}");
+    let out = wait_for(Duration::from_secs(15), || {
+        let out = common::run(&["--data-dir", &dir4, "logs", &b, "--after", "1.0"], "");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.contains("may be missing").then_some(out)
+    })
+    .await
+    .expect("a reader whose lines were dropped is told so");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("bridged to 000000000000b000"),
+        "the oldest line is still kept: {out:?}"
+    );
+    let out = common::run(
+        &["--data-dir", &dir4, "logs", &b, "--after", &last_read],
+        "",
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("may be missing"),
+        "{out:?}"
+    );
+    assert_eq!(common::stdout_lines(&out).len(), 750, "every line after it");
 }
 
 /// Send streams (docs/host.md): `vp-host send <vp> -` and the protocol

@@ -966,6 +966,13 @@ fn run_logs(
                     if answer.skipped > 0 {
                         eprintln!("({} earlier line(s) not shown)", answer.skipped);
                     }
+                    if answer.gap {
+                        eprintln!(
+                            "(lines after {}.{} may be missing: the member answering keeps its \
+                             last 1,000 lines, and only those since it started from a snapshot)",
+                            cursor.0, cursor.1
+                        );
+                    }
                     for line in &answer.lines {
                         if json {
                             println!("{}", serde_json::to_string(line)?);

@@ -117,6 +117,11 @@ pub struct LogsAnswer {
     /// Without a cursor: the kept lines before these that the answer leaves out.
     #[serde(default)]
     pub skipped: u64,
+    /// After a cursor: lines after it may be missing (the member keeps the
+    /// last 1,000 lines and 256 KiB, and only those since it started from a
+    /// snapshot).
+    #[serde(default)]
+    pub gap: bool,
 }
 
 /// The query of `GET /v1/vps/{vp}/logs`.
@@ -416,6 +421,7 @@ async fn vp_logs(
         host: status.host,
         lines: status.guest_log,
         skipped: status.guest_log_skipped,
+        gap: status.guest_log_gap,
     }))
 }
 

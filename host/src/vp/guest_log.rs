@@ -22,6 +22,9 @@ pub struct GuestLog {
     bytes: usize,
     /// The slot of the latest line, and how many lines that slot wrote.
     at: LogCursor,
+    /// Lines at or before this cursor may be missing here: dropped to keep
+    /// the limits, or never seen (this member started from a snapshot).
+    gap_to: LogCursor,
 }
 
 impl GuestLog {
@@ -52,6 +55,7 @@ impl GuestLog {
                 break;
             };
             self.bytes -= old.text.len();
+            self.gap_to = self.gap_to.max(old.cursor());
         }
     }
 
@@ -74,12 +78,24 @@ impl GuestLog {
         (lines, (first - after) as u64)
     }
 
-    /// Forget every line (a snapshot replaced the state they came from).
+    /// Whether lines after `cursor` may be missing from this member's record
+    /// (a reader that asked after it lost them: its reads were too far apart,
+    /// or this member started from a snapshot taken after it).
+    pub fn gap_after(&self, cursor: LogCursor) -> bool {
+        cursor != (0, 0) && cursor < self.gap_to
+    }
+
+    /// The state now comes from a snapshot of `slot`: the lines its messages
+    /// wrote are not here. Lines of later slots are forgotten (the log after
+    /// the snapshot is applied again and writes them again).
     pub fn restart_at(&mut self, slot: u64) {
         if slot < self.at.0 {
             self.lines.clear();
             self.bytes = 0;
             self.at = (slot, 0);
+        }
+        if slot > 0 {
+            self.gap_to = self.gap_to.max((slot, u32::MAX));
         }
     }
 }
@@ -132,6 +148,12 @@ mod tests {
         }
         let kept: Vec<String> = log.lines.iter().map(|l| l.text.clone()).collect();
         assert_eq!(seen, kept);
+        // A reader whose cursor is older than the oldest kept line is told
+        // that lines after it are gone; one at the oldest kept line is not.
+        assert!(log.gap_after((10, 1)));
+        assert!(log.gap_after((10 + 499 / 7, 2)));
+        assert!(!log.gap_after(log.lines[0].cursor()));
+        assert!(!log.gap_after((0, 0)));
         // and at most 256 KiB of text
         let big = "y".repeat(4096);
         for _ in 0..100 {
@@ -144,5 +166,21 @@ mod tests {
         assert_eq!(log.after((0, 0)), (vec![], 0));
         log.push(901, 14, line("z"));
         assert_eq!(log.after((0, 0)).0[0].cursor(), (901, 1));
+    }
+
+    #[test]
+    fn a_member_started_from_a_snapshot_says_earlier_lines_may_be_missing() {
+        let mut log = GuestLog::default();
+        log.restart_at(0); // a fresh guest: nothing before it
+        log.push(1, 10, line("a"));
+        assert!(!log.gap_after((1, 1)));
+        log.restart_at(40); // caught up from a snapshot of slot 40
+        log.push(41, 11, line("b"));
+        assert!(
+            log.gap_after((1, 1)),
+            "slots 2 to 40 wrote lines it never saw"
+        );
+        assert!(log.gap_after((40, 3)));
+        assert!(!log.gap_after((41, 1)));
     }
 }

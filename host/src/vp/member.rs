@@ -1058,6 +1058,7 @@ impl Member {
                 let mut status = self.status(ask.digest);
                 if let Some(cursor) = ask.log_after {
                     (status.guest_log, status.guest_log_skipped) = self.guest_log.after(cursor);
+                    status.guest_log_gap = self.guest_log.gap_after(cursor);
                 }
                 let _ = reply.send(status);
             }
@@ -2094,6 +2095,7 @@ impl Member {
             timings: self.timings.summary(),
             guest_log: Vec::new(),
             guest_log_skipped: 0,
+            guest_log_gap: false,
         }
     }
 }

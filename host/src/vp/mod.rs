@@ -209,6 +209,10 @@ pub struct VpStatus {
     /// it holds the latest 200).
     #[serde(default)]
     pub guest_log_skipped: u64,
+    /// Lines after the cursor asked for may be missing from this member's
+    /// record (`GuestLog::gap_after`).
+    #[serde(default)]
+    pub guest_log_gap: bool,
 }
 
 /// Where a guest's log line stands: the slot whose messages wrote it, and
