@@ -488,7 +488,6 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         .index_of(&s.voters[0])
         .await
         .expect("a host of this cluster");
-    let target = c.hosts[member].status().await.unwrap();
     let (stranger, mut events) = vp_host::net::Net::<vp_host::node::Wire>::start(
         libp2p::identity::Keypair::generate_ed25519(),
         vp_host::net::NetConfig {
@@ -498,14 +497,7 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     )
     .await
     .unwrap();
-    let addr = target
-        .listen_addrs
-        .iter()
-        .find(|a| a.contains("/tcp/"))
-        .expect("a TCP listen address")
-        .parse()
-        .unwrap();
-    let peer = stranger.dial(addr).await.unwrap();
+    let peer = dial_host(&stranger, &c, member).await;
     let undeploy = vp_host::vp::wire::VpWire::Undeploy {
         vp: vp.parse().unwrap(),
     };
@@ -536,17 +528,7 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         }
     }
     let outsider = outsider.expect("a host that is not a member");
-    let addr = c.hosts[outsider]
-        .status()
-        .await
-        .unwrap()
-        .listen_addrs
-        .iter()
-        .find(|a| a.contains("/tcp/"))
-        .expect("a TCP listen address")
-        .parse()
-        .unwrap();
-    let peer = stranger.dial(addr).await.unwrap();
+    let peer = dial_host(&stranger, &c, outsider).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let liar = {
         let (stranger, stop, vp) = (stranger.clone(), stop.clone(), vp.parse().unwrap());
@@ -685,6 +667,23 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     let s = c.vp_status(0, &vp).await.unwrap();
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
+}
+
+/// Connect `net` (a hand-made peer) to host `i` of the cluster.
+async fn dial_host(
+    net: &vp_host::net::Net<vp_host::node::Wire>,
+    c: &Cluster,
+    i: usize,
+) -> libp2p::PeerId {
+    let status = c.hosts[i].status().await.unwrap();
+    let addr = status
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .expect("a TCP listen address")
+        .parse()
+        .unwrap();
+    net.dial(addr).await.unwrap()
 }
 
 /// Three adds in turn through host `via` (each after the last answered).
