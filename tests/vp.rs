@@ -519,8 +519,9 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     assert_eq!(c.ask(member, &vp, json!({"add": 1})).await, json!(3));
 
     // The stranger tells the host that runs no member that the virtual peer
-    // was destroyed, again and again while a client sends through that host.
-    // A notice that answers none of its locates or requests is not believed.
+    // was destroyed, or that it leads it, again and again while a client
+    // sends through that host. Answers to none of the host's locates or
+    // requests are not believed.
     let mut outsider = None;
     for (i, h) in c.hosts.iter().enumerate() {
         if !s.voters.contains(&h.host_id) {
@@ -535,12 +536,44 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
         tokio::spawn(async move {
             let mut sent = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let answers = if sent.is_multiple_of(2) {
-                    0
-                } else {
-                    rand::random()
+                use vp_host::vp::wire::VpWire;
+                let me = vp_host::node::overlay::PeerContact {
+                    peer: stranger.local_peer_id(),
+                    addrs: Vec::new(),
                 };
-                let notice = vp_host::vp::wire::VpWire::Destroyed { vp, answers };
+                let (client, host) = (
+                    vp_consensus::ClientId(rand::random()),
+                    vp_consensus::HostId(rand::random()),
+                );
+                let notice = match sent % 5 {
+                    0 => VpWire::Destroyed { vp, answers: 0 },
+                    1 => VpWire::Destroyed {
+                        vp,
+                        answers: rand::random(),
+                    },
+                    // "I lead it": an answer to no request, a locate or a
+                    // redirect nobody asked for.
+                    2 => VpWire::Reply(vp_host::vp::wire::Reply {
+                        vp,
+                        client,
+                        seq: 1,
+                        result: Ok(Default::default()),
+                        leader: host,
+                    }),
+                    3 => VpWire::Located {
+                        vp,
+                        nonce: rand::random(),
+                        member: host,
+                        leader: Some((host, me.clone())),
+                        voters: vec![(host, me)],
+                    },
+                    _ => VpWire::Redirect {
+                        vp,
+                        client,
+                        seq: 1,
+                        leader: Some((host, me)),
+                    },
+                };
                 if stranger
                     .send(peer, &vp_host::node::Wire::Vp(notice))
                     .is_ok()
@@ -552,11 +585,17 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
             sent
         })
     };
+    // (each kind of lie arrived and was ignored before the client sends)
     let first = wait_for(Duration::from_secs(20), || {
-        c.hosts[outsider]
-            .log()
-            .contains("ignored a destroyed notice")
-            .then_some(())
+        let log = c.hosts[outsider].log();
+        [
+            "ignored a destroyed notice",
+            "ignored a located",
+            "ignored a redirect",
+        ]
+        .iter()
+        .all(|l| log.contains(l))
+        .then_some(())
     })
     .await;
     let answers: Vec<Value> = three_adds(&c, outsider, &vp).await;
@@ -564,14 +603,26 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     let sent = liar.await.unwrap();
     assert!(
         first.is_some(),
-        "{} never logged an ignored destroyed notice ({sent} sent)",
+        "{} did not log ignoring each kind of lie ({sent} sent)",
         c.hosts[outsider].name
     );
     assert_eq!(
         answers,
         vec![json!(4), json!(5), json!(6)],
-        "after {sent} false notices"
+        "after {sent} false answers"
     );
+    // ... and none of the client's requests or locates went to the liar.
+    let mut misled = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let vp_host::net::NetEvent::Message {
+            msg: vp_host::node::Wire::Vp(m),
+            ..
+        } = event
+        {
+            misled.push(format!("{m:?}"));
+        }
+    }
+    assert!(misled.is_empty(), "the host believed a lie: {misled:?}");
     // A deployment undone while its module is on the way: the stranger deploys
     // a one-member virtual peer to the outsider and serves the module, but
     // sends `Undeploy` before the module's first chunk. The host fetches and

@@ -279,8 +279,9 @@ const UNDONE_MAX: usize = 4096;
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Locates per virtual peer whose nonces a host remembers: a late answer to
-/// one of the last few still counts (locates repeat every 40 ms).
-const LOCATE_NONCES: usize = 8;
+/// one of the last few still counts (locates repeat every 40 ms at most, and
+/// a member tells a locator of a new leader up to 1 s later).
+const LOCATE_NONCES: usize = 32;
 /// Locate multicasts remembered (their `MulticastEmpty` reports name the op).
 const LOCATE_OPS_MAX: usize = 4096;
 /// A virtual peer whose key range has been empty this long, and none of
@@ -817,11 +818,15 @@ impl Node {
             },
             VpWire::Located {
                 vp,
+                nonce,
                 leader,
                 member,
                 voters,
-                ..
             } => {
+                if from != self.me.contact.peer && !self.asked(vp, u128::from(nonce)) {
+                    tracing::debug!(%vp, %from, "ignored a located answer to no recent locate of this host");
+                    return;
+                }
                 tracing::debug!(%vp, %member, leader = ?leader.as_ref().map(|(h, _)| *h), voters = voters.len(), "located");
                 self.remember_member(vp, member, from);
                 // The voters it names are asked directly by later locates:
@@ -875,6 +880,11 @@ impl Node {
                 seq,
                 leader,
             } => {
+                // Only a host the request went to knows its session.
+                if !self.vps.outstanding.contains_key(&(vp, client, seq)) {
+                    tracing::debug!(%vp, %from, "ignored a redirect of no request in flight");
+                    return;
+                }
                 // Retry at once at a different leader; after a pause when the
                 // redirecting host names itself (it is not ready) or nobody.
                 let elsewhere = match leader {
@@ -1652,6 +1662,15 @@ impl Node {
     }
 
     fn on_reply(&mut self, from: libp2p::PeerId, reply: Reply) {
+        // Only an answer to a request in flight is believed (and teaches who
+        // leads): the session id is known only to the hosts it went to.
+        let Some(o) = self
+            .vps
+            .outstanding
+            .remove(&(reply.vp, reply.client, reply.seq))
+        else {
+            return;
+        };
         let contact = PeerContact {
             peer: from,
             addrs: Vec::new(),
@@ -1660,13 +1679,6 @@ impl Node {
             self.remember_member(reply.vp, reply.leader, from);
         }
         self.vps.leaders.insert(reply.vp, (reply.leader, contact));
-        let Some(o) = self
-            .vps
-            .outstanding
-            .remove(&(reply.vp, reply.client, reply.seq))
-        else {
-            return;
-        };
         let client = !matches!(o.waiter, Waiter::Member(_));
         o.waiter
             .answer(&self.vps.members, reply.seq, Ok(reply.result));
