@@ -522,13 +522,9 @@ async fn a_hostile_app_gets_errors_and_hosts_are_unharmed() {
     // was destroyed, or that it leads it, again and again while a client
     // sends through that host. Answers to none of the host's locates or
     // requests are not believed.
-    let mut outsider = None;
-    for (i, h) in c.hosts.iter().enumerate() {
-        if !s.voters.contains(&h.host_id) {
-            outsider = Some(i);
-        }
-    }
-    let outsider = outsider.expect("a host that is not a member");
+    let outsider = (0..c.hosts.len())
+        .find(|&i| !s.voters.contains(&c.hosts[i].host_id))
+        .expect("a host that is not a member");
     let peer = dial_host(&stranger, &c, outsider).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let liar = {

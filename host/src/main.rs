@@ -969,8 +969,10 @@ fn run_logs(
                     if answer.gap {
                         eprintln!(
                             "(lines after {}.{} may be missing: the member answering keeps its \
-                             last 1,000 lines, and only those since it started from a snapshot)",
-                            cursor.0, cursor.1
+                             last {} lines, and only those since it started from a snapshot)",
+                            cursor.0,
+                            cursor.1,
+                            vp_host::vp::guest_log::GUEST_LOG_LINES_MAX
                         );
                     }
                     for line in &answer.lines {
