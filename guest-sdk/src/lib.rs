@@ -78,6 +78,18 @@ pub trait App: Default + 'static {
     /// everything the message did.
     fn handle(&mut self, ctx: &mut Ctx<Self>, msg: Self::Msg) -> Outcome<Self::Reply>;
 
+    /// A timer this app armed ([`Ctx::set_timer`]) is due. Runs as an
+    /// ordered input on every replica, like a message, with the ordered time
+    /// at or after the due time; the timer is disarmed before this runs (arm
+    /// it again for a periodic one). Nobody awaits the outcome: an error, or
+    /// the error of a `ctx.later(..)` future, goes to the app's log
+    /// (`vp-host logs`). `ctx.from()` is `Address::Client(0)` and
+    /// `ctx.message_id()` the timer's id. The default does nothing.
+    fn timer(&mut self, ctx: &mut Ctx<Self>, id: u64) -> Outcome<()> {
+        let _ = (ctx, id);
+        Ok(().into())
+    }
+
     /// Answer a linearizable read (`vp-host send --read`) without changing
     /// state. Runs on one replica only, so it must not mutate anything; the
     /// default refuses reads.

@@ -6,6 +6,10 @@
 //! can wait for is a [`Call`], and a call is resolved only by an ordered
 //! `Input::CallReply`, at which point the runtime polls the task that waits
 //! for it. Everything is single-threaded and deterministic.
+//!
+//! The armed timers are kept here too (id to due time), mirroring the table
+//! the host keeps from the `set_timer` / `cancel_timer` effects, so the SDK
+//! can refuse more than `TIMERS_MAX` and answer `Ctx::timer_due` itself.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -25,7 +29,11 @@ type TaskFuture = Pin<Box<dyn Future<Output = WireResult>>>;
 
 struct Task {
     future: TaskFuture,
-    reply_to: (Address, u64),
+    /// The request the task answers; `None` for a timer's handler (its
+    /// result is logged if it is an error).
+    reply_to: Option<(Address, u64)>,
+    /// The timer whose handler this is (for the log line of a failure).
+    timer: u64,
 }
 
 enum CallSlot {
@@ -39,6 +47,8 @@ enum CallSlot {
 struct Shared {
     effects: RefCell<Vec<Effect>>,
     calls: RefCell<BTreeMap<u64, CallSlot>>,
+    /// Armed timers: id -> due time (ms since the epoch).
+    timers: RefCell<BTreeMap<u64, u64>>,
     time_ms: Cell<u64>,
     from: Cell<Address>,
     message_id: Cell<u64>,
@@ -155,6 +165,52 @@ impl<A: 'static> Ctx<A> {
         }
     }
 
+    /// Arm timer `id` to fire `after_ms` milliseconds after this input's time
+    /// ([`Ctx::now_ms`]): then [`App::timer`] runs with `id`, on every replica,
+    /// as an ordered input like any message. Arming an id that is already
+    /// armed moves it. Ids are the app's own choice.
+    ///
+    /// A timer fires once, at or after its due time: the leader proposes it
+    /// when its clock reaches the due time (it checks every 20 ms), so it
+    /// runs about a consensus round later, and later still while the virtual
+    /// peer has no leader (a failover). Timers are part of the replicated
+    /// state: they survive leader changes, member replacements and restarts.
+    /// At most [`abi::TIMERS_MAX`] are armed at once; arming one more is an
+    /// error (nothing changes).
+    pub fn set_timer(&self, id: u64, after_ms: u64) -> Result<(), Error> {
+        self.set_timer_at(id, self.now_ms().saturating_add(after_ms))
+    }
+
+    /// Arm timer `id` to fire at `due_ms` (ms since the Unix epoch, on the
+    /// ordered clock); a time already past fires as soon as the leader can
+    /// order it. See [`Ctx::set_timer`].
+    pub fn set_timer_at(&self, id: u64, due_ms: u64) -> Result<(), Error> {
+        let mut timers = self.shared.timers.borrow_mut();
+        if !timers.contains_key(&id) && timers.len() >= abi::TIMERS_MAX {
+            return Err(Error::new(format!(
+                "{} timers are armed, the most an app may have; cancel one first",
+                abi::TIMERS_MAX
+            )));
+        }
+        timers.insert(id, due_ms);
+        self.shared.effect(Effect::SetTimer(id, due_ms));
+        Ok(())
+    }
+
+    /// Disarm timer `id`. Returns whether it was armed.
+    pub fn cancel_timer(&self, id: u64) -> bool {
+        let armed = self.shared.timers.borrow_mut().remove(&id).is_some();
+        if armed {
+            self.shared.effect(Effect::CancelTimer(id));
+        }
+        armed
+    }
+
+    /// When timer `id` is due (ms since the epoch), if it is armed.
+    pub fn timer_due(&self, id: u64) -> Option<u64> {
+        self.shared.timers.borrow().get(&id).copied()
+    }
+
     /// Reply later: run `future` to completion (it may await calls) and send its
     /// result as the reply to the request being handled. Use as
     /// `Ok(ctx.later(async move { ... }))`.
@@ -264,6 +320,7 @@ impl<A: App> Runtime<A> {
             shared: Rc::new(Shared {
                 effects: RefCell::new(Vec::new()),
                 calls: RefCell::new(BTreeMap::new()),
+                timers: RefCell::new(BTreeMap::new()),
                 time_ms: Cell::new(0),
                 from: Cell::new(Address::Client(0)),
                 message_id: Cell::new(0),
@@ -296,6 +353,7 @@ impl<A: App> Runtime<A> {
         match env.2 {
             Input::Request(from, id, payload) => self.on_request(from, id, &payload),
             Input::CallReply(call_id, result) => self.on_call_reply(call_id, result),
+            Input::Timer(id) => self.on_timer(id),
         }
         let mut effects = self.shared.effects.borrow_mut();
         self.output.clear();
@@ -353,7 +411,41 @@ impl<A: App> Runtime<A> {
                     task_id,
                     Task {
                         future,
-                        reply_to: (from, id),
+                        reply_to: Some((from, id)),
+                        timer: 0,
+                    },
+                );
+                self.poll_task(task_id);
+            }
+        }
+    }
+
+    fn on_timer(&mut self, id: u64) {
+        // A timer no longer armed (cancelled or moved after the host ordered
+        // it) does nothing: the host checks too, this is the second line.
+        if self.shared.timers.borrow_mut().remove(&id).is_none() {
+            return;
+        }
+        self.shared.from.set(Address::Client(0));
+        self.shared.message_id.set(id);
+        let mut ctx = Ctx {
+            shared: self.shared.clone(),
+            app: self.app.clone(),
+        };
+        let outcome = self.app.borrow_mut().timer(&mut ctx, id);
+        match outcome {
+            Err(e) => timer_failed(id, &e.to_string()),
+            Ok(Handled::Now(())) => {}
+            Ok(Handled::Later(future)) => {
+                let task_id = self.next_task_id;
+                self.next_task_id += 1;
+                let future: TaskFuture = Box::pin(async move { encode_reply(future.await) });
+                self.tasks.insert(
+                    task_id,
+                    Task {
+                        future,
+                        reply_to: None,
+                        timer: id,
                     },
                 );
                 self.poll_task(task_id);
@@ -386,18 +478,27 @@ impl<A: App> Runtime<A> {
             return;
         };
         // The task answers the request it was spawned for, whatever input woke it.
-        self.shared.from.set(task.reply_to.0);
-        self.shared.message_id.set(task.reply_to.1);
+        let (from, id) = task.reply_to.unwrap_or((Address::Client(0), task.timer));
+        self.shared.from.set(from);
+        self.shared.message_id.set(id);
         self.shared.polling_task.set(Some(task_id));
         let mut cx = Context::from_waker(Waker::noop());
         let poll = task.future.as_mut().poll(&mut cx);
         self.shared.polling_task.set(None);
         if let Poll::Ready(result) = poll {
             let task = self.tasks.remove(&task_id).expect("polled task exists");
-            self.shared
-                .effect(Effect::Reply(task.reply_to.0, task.reply_to.1, result));
+            match (task.reply_to, result) {
+                (Some((to, id)), result) => self.shared.effect(Effect::Reply(to, id, result)),
+                (None, Err(e)) => timer_failed(task.timer, &e),
+                (None, Ok(_)) => {}
+            }
         }
     }
+}
+
+/// A timer's handler has nobody to answer: its error goes to the app's log.
+fn timer_failed(id: u64, why: &str) {
+    crate::log::error(&format!("timer {id} failed: {why}"));
 }
 
 fn encode_reply<R: Serialize>(result: Result<R, Error>) -> WireResult {

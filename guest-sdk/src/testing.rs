@@ -3,8 +3,9 @@
 //! [`TestApp`] runs the same runtime the wasm guest runs, and every message,
 //! reply and call crosses the same CBOR encoding, so a serde mistake shows up
 //! here rather than in production. It plays the host: it stamps time and
-//! entropy, collects calls and sends, and lets a test deliver call replies by
-//! hand.
+//! entropy, collects calls and sends, lets a test deliver call replies by
+//! hand, and keeps the timers the app arms: [`TestApp::advance_ms`] moves the
+//! clock and fires the ones that come due, in order, as the host would.
 //!
 //! ```
 //! use vp_guest_sdk::prelude::*;
@@ -109,6 +110,8 @@ pub struct TestApp<A: App> {
     time_ms: u64,
     next_id: u64,
     outbox: Vec<Outbound>,
+    /// The armed timers as the host keeps them (from the effects): id -> due.
+    timers: std::collections::BTreeMap<u64, u64>,
 }
 
 impl<A: App> Default for TestApp<A> {
@@ -125,6 +128,7 @@ impl<A: App> TestApp<A> {
             time_ms: 1_700_000_000_000,
             next_id: 1,
             outbox: Vec::new(),
+            timers: std::collections::BTreeMap::new(),
         }
     }
 
@@ -143,6 +147,35 @@ impl<A: App> TestApp<A> {
     /// Set the time the next inputs are stamped with.
     pub fn set_time_ms(&mut self, time_ms: u64) {
         self.time_ms = time_ms;
+    }
+
+    /// The time the last input was stamped with (ms since the epoch).
+    pub fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+
+    /// The armed timers, as `(id, due_ms)`, earliest first.
+    pub fn timers(&self) -> Vec<(u64, u64)> {
+        let mut armed: Vec<(u64, u64)> = self.timers.iter().map(|(&id, &due)| (id, due)).collect();
+        armed.sort_by_key(|&(id, due)| (due, id));
+        armed
+    }
+
+    /// Move the clock `ms` forward, firing every timer that comes due on the
+    /// way (earliest first, ties by id; each stamped with its due time, or
+    /// later if the clock already passed it), including timers the fired
+    /// handlers arm within the span. Returns what each firing produced.
+    pub fn advance_ms(&mut self, ms: u64) -> Vec<Delivery> {
+        let until = self.time_ms.saturating_add(ms);
+        let mut fired = Vec::new();
+        while let Some((id, due)) = self.timers().first().copied().filter(|&(_, d)| d <= until) {
+            // `process` stamps one ms after the clock.
+            self.time_ms = self.time_ms.max(due.saturating_sub(1));
+            self.timers.remove(&id);
+            fired.push(self.process(Input::Timer(id)));
+        }
+        self.time_ms = self.time_ms.max(until);
+        fired
     }
 
     /// Handlers currently suspended on calls.
@@ -224,6 +257,12 @@ impl<A: App> TestApp<A> {
                     payload: payload.into_vec(),
                     expects_reply: true,
                 }),
+                Effect::SetTimer(id, due_ms) => {
+                    self.timers.insert(id, due_ms);
+                }
+                Effect::CancelTimer(id) => {
+                    self.timers.remove(&id);
+                }
             }
         }
         self.outbox.extend(delivery.outbound.iter().cloned());
@@ -350,6 +389,148 @@ mod tests {
         let d = t.reply_to_call(d.outbound[0].id, Err::<&u64, _>("callee trapped"));
         let err = d.reply::<u64>(2).unwrap().unwrap_err();
         assert!(err.message().contains("callee trapped"), "{err}");
+    }
+
+    /// Arms, moves and cancels timers on request; counts firings.
+    #[derive(Default)]
+    struct Ticker {
+        fired: Vec<(u64, u64)>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum TickerMsg {
+        Arm(u64, u64),
+        Cancel(u64),
+        Due(u64),
+        Many(u64),
+    }
+
+    impl App for Ticker {
+        type Msg = TickerMsg;
+        type Reply = Option<u64>;
+        fn handle(&mut self, ctx: &mut Ctx<Self>, msg: TickerMsg) -> Outcome<Option<u64>> {
+            Ok(match msg {
+                TickerMsg::Arm(id, after) => {
+                    ctx.set_timer(id, after)?;
+                    None
+                }
+                TickerMsg::Cancel(id) => Some(u64::from(ctx.cancel_timer(id))),
+                TickerMsg::Due(id) => ctx.timer_due(id),
+                TickerMsg::Many(n) => {
+                    for id in 0..n {
+                        ctx.set_timer(1000 + id, 10)?;
+                    }
+                    None
+                }
+            }
+            .into())
+        }
+        fn timer(&mut self, ctx: &mut Ctx<Self>, id: u64) -> Outcome<()> {
+            self.fired.push((id, ctx.now_ms()));
+            match id {
+                // 7 is periodic: every 100 ms
+                7 => ctx.set_timer(7, 100)?,
+                // 8 fails
+                8 => return Err(Error::new("eight is unlucky")),
+                // 9 calls another VP and fails after the reply
+                9 => {
+                    let call = ctx.call::<_, u64>(VpId(3), &"q");
+                    return Ok(ctx.later(async move {
+                        call.await?;
+                        Err(Error::new("after the call"))
+                    }));
+                }
+                _ => {}
+            }
+            Ok(().into())
+        }
+    }
+
+    #[test]
+    fn timers_fire_in_order_at_or_after_their_due_time() {
+        let mut t = TestApp::<Ticker>::new();
+        let t0 = t.time_ms();
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(1, 500))
+            .unwrap();
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(2, 200))
+            .unwrap();
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(3, 300))
+            .unwrap();
+        // moving 3, cancelling 2
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(3, 1000))
+            .unwrap();
+        assert_eq!(
+            t.request::<_, Option<u64>>(&TickerMsg::Cancel(2)).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            t.request::<_, Option<u64>>(&TickerMsg::Cancel(2)).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            t.request::<_, Option<u64>>(&TickerMsg::Due(3)).unwrap(),
+            Some(t0 + 4 + 1000)
+        );
+        assert_eq!(t.timers(), vec![(1, t0 + 1 + 500), (3, t0 + 4 + 1000)]);
+        assert_eq!(t.advance_ms(2000).len(), 2);
+        assert_eq!(t.app().fired, vec![(1, t0 + 1 + 500), (3, t0 + 4 + 1000)]);
+        assert!(t.timers().is_empty());
+        assert_eq!(
+            t.request::<_, Option<u64>>(&TickerMsg::Due(3)).unwrap(),
+            None
+        );
+
+        // a stale firing (the host ordered it before a cancel) does nothing
+        t.process(Input::Timer(3));
+        assert_eq!(t.app().fired.len(), 2);
+
+        // periodic: re-armed from its own handler
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(7, 100))
+            .unwrap();
+        assert_eq!(t.advance_ms(1000).len(), 10);
+        let ticks: Vec<u64> = t.app().fired[2..].iter().map(|f| f.1).collect();
+        assert!(ticks.windows(2).all(|w| w[1] - w[0] == 100), "{ticks:?}");
+    }
+
+    #[test]
+    fn timer_errors_are_logged_and_the_limit_holds() {
+        let mut t = TestApp::<Ticker>::new();
+        t.take_log();
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(8, 1)).unwrap();
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(9, 1)).unwrap();
+        let fired = t.advance_ms(10);
+        assert_eq!(fired.len(), 2);
+        assert!(
+            fired.iter().all(|d| d.replies.is_empty()),
+            "a timer answers nobody"
+        );
+        let call = fired[1].outbound[0].id;
+        assert_eq!(t.suspended(), 1);
+        let d = t.reply_to_call(call, Ok(&1u64));
+        assert!(d.replies.is_empty());
+        assert_eq!(t.suspended(), 0);
+        let log: Vec<String> = t.take_log().into_iter().map(|(_, l)| l).collect();
+        assert_eq!(
+            log,
+            vec![
+                "timer 8 failed: eight is unlucky".to_string(),
+                "timer 9 failed: after the call".to_string()
+            ]
+        );
+
+        // at most TIMERS_MAX armed: the next one is refused, nothing changes
+        let max = crate::abi::TIMERS_MAX as u64;
+        t.request::<_, Option<u64>>(&TickerMsg::Many(max)).unwrap();
+        assert_eq!(t.timers().len(), crate::abi::TIMERS_MAX);
+        let err = t
+            .request::<_, Option<u64>>(&TickerMsg::Arm(1, 5))
+            .unwrap_err();
+        assert!(err.message().contains("timers are armed"), "{err}");
+        // moving an armed one is still allowed
+        t.request::<_, Option<u64>>(&TickerMsg::Arm(1000, 50))
+            .unwrap();
+        assert_eq!(t.timers().len(), crate::abi::TIMERS_MAX);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Each input line is a JSON message, sent as a request from the client
 //! `exec` with the line number as its id, or a hand-delivered call reply:
-//! `{"$reply": {"call": ID, "ok": VALUE}}` / `{"$reply": {"call": ID, "error": "why"}}`.
+//! `{"$reply": {"call": ID, "ok": VALUE}}` / `{"$reply": {"call": ID, "error": "why"}}`,
+//! or a timer fired by hand: `{"$timer": ID}` (an exec run has no clock of its
+//! own; the timers the app arms and cancels are printed on stderr).
 //! Each reply is printed as one JSON line on stdout (`{"error": "..."}` for an
 //! error reply); calls and sends the app makes are printed as JSON lines on
 //! stderr. Messages are stamped with time `time_ms + line number` and entropy
@@ -69,6 +71,12 @@ pub fn start_guest(
 fn parse_line(line: &str, number: u64) -> Result<Input, String> {
     let value: Json =
         serde_json::from_str(line).map_err(|e| format!("line {number}: not JSON: {e}"))?;
+    if let Some(timer) = value.get("$timer") {
+        let id = timer.as_u64().ok_or_else(|| {
+            format!("line {number}: $timer needs a timer id (an unsigned integer)")
+        })?;
+        return Ok(Input::Timer(id));
+    }
     if let Some(reply) = value.get("$reply") {
         let call = reply
             .get("call")
@@ -202,6 +210,14 @@ pub fn run(
                                 "{}",
                                 json!({ "call": { "id": id, "to": to.to_string(), "msg": msg } })
                             )?;
+                        }
+                        Effect::SetTimer(id, due_ms) => writeln!(
+                            effects_out,
+                            "{}",
+                            json!({ "set_timer": { "id": id, "due_ms": due_ms } })
+                        )?,
+                        Effect::CancelTimer(id) => {
+                            writeln!(effects_out, "{}", json!({ "cancel_timer": { "id": id } }))?
                         }
                     }
                 }

@@ -720,11 +720,13 @@ fn print_vp_status(s: &vp_host::vp::VpStatus) {
         s.decided_below, s.applied_below, s.snapshot_slot
     );
     println!(
-        "state     {} bytes of memory, digest {}, {} messages handled here, {} outbound pending",
+        "state     {} bytes of memory, digest {}, {} messages handled here, {} outbound pending, \
+         {} timers armed",
         s.state_bytes,
         s.state_digest.as_deref().unwrap_or("-"),
         s.guest_handled,
-        s.outbox
+        s.outbox,
+        s.timers
     );
     let t = &s.timings;
     let ms = |us: u64| us as f64 / 1000.0;

@@ -108,6 +108,10 @@ pub fn encode_envelope(env: &Envelope, out: &mut Vec<u8>) {
             head(out, UINT, *call);
             result(out, r);
         }
+        Input::Timer(id) => {
+            variant(out, "timer");
+            head(out, UINT, *id);
+        }
     }
 }
 
@@ -134,6 +138,16 @@ pub fn encode_effect(effect: &Effect, out: &mut Vec<u8>) {
             head(out, UINT, to.0);
             head(out, UINT, *id);
             bytes(out, payload);
+        }
+        Effect::SetTimer(id, due_ms) => {
+            variant(out, "set_timer");
+            head(out, ARRAY, 2);
+            head(out, UINT, *id);
+            head(out, UINT, *due_ms);
+        }
+        Effect::CancelTimer(id) => {
+            variant(out, "cancel_timer");
+            head(out, UINT, *id);
         }
     }
 }
@@ -291,6 +305,7 @@ impl<'a> Reader<'a> {
                 let call = self.uint()?;
                 Input::CallReply(call, self.result()?)
             }
+            "timer" => Input::Timer(self.uint()?),
             other => return self.err(&format!("unknown input kind `{other}`")),
         };
         Ok(Envelope(time_ms, entropy, input))
@@ -298,7 +313,15 @@ impl<'a> Reader<'a> {
 
     fn effect(&mut self) -> Decoded<Effect> {
         let kind = self.variant()?;
-        self.array(3)?;
+        match kind {
+            "set_timer" => {
+                self.array(2)?;
+                let id = self.uint()?;
+                return Ok(Effect::SetTimer(id, self.uint()?));
+            }
+            "cancel_timer" => return Ok(Effect::CancelTimer(self.uint()?)),
+            _ => self.array(3)?,
+        }
         match kind {
             "reply" => {
                 let to = self.address()?;
@@ -390,6 +413,7 @@ mod tests {
             }
             out.push(Envelope(n, n, Input::CallReply(n, Ok(p.to_vec().into()))));
             out.push(Envelope(n, n, Input::CallReply(n, Err("é".repeat(i * 20)))));
+            out.push(Envelope(n, n / 3, Input::Timer(n)));
         }
         out
     }
@@ -400,6 +424,9 @@ mod tests {
             Effect::Reply(Address::Vp(VpId(9)), u64::MAX, Err("no".into())),
             Effect::Send(VpId(u64::MAX), 1, vec![0; 70_000].into()),
             Effect::Call(VpId(0), 24, vec![].into()),
+            Effect::SetTimer(0, u64::MAX),
+            Effect::SetTimer(65536, 1_700_000_000_000),
+            Effect::CancelTimer(24),
         ]
     }
 

@@ -126,6 +126,10 @@ pub enum Input {
     /// `{"rep": [call_id, result]}`.
     #[serde(rename = "rep")]
     CallReply(u64, WireResult),
+    /// A timer this guest set (`Effect::SetTimer`) is due: `{"timer": id}`.
+    /// The envelope's time is at or after the due time.
+    #[serde(rename = "timer")]
+    Timer(u64),
 }
 
 /// What the guest asks the host to do, in the order it asked. The output of
@@ -144,7 +148,19 @@ pub enum Effect {
     /// `{"call": [to, id, payload]}`.
     #[serde(rename = "call")]
     Call(VpId, u64, serde_bytes::ByteBuf),
+    /// Arm timer `id` to fire at `due_ms` (ms since the Unix epoch, on the
+    /// ordered clock): `{"set_timer": [id, due_ms]}`. Arming an armed id moves
+    /// it. At most [`TIMERS_MAX`] are armed at once.
+    #[serde(rename = "set_timer")]
+    SetTimer(u64, u64),
+    /// Disarm timer `id` (nothing if it is not armed): `{"cancel_timer": id}`.
+    #[serde(rename = "cancel_timer")]
+    CancelTimer(u64),
 }
+
+/// Timers a guest may have armed at once (the SDK refuses more; the host
+/// ignores a `set_timer` beyond it with a warning).
+pub const TIMERS_MAX: usize = 1024;
 
 /// Encode a value as CBOR into `out` (cleared first).
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {

@@ -30,8 +30,8 @@ use vp_guest_sdk::abi::{self, Effect, Envelope, Input, VpId, WireResult};
 use super::directory::Directory;
 use super::wire::{Reply, Request, VpWire};
 use super::{
-    HostState, LogInput, MemberTimings, Outbound, Recent, VpConfig, VpStatus, address_of,
-    client_of, decode_image, encode_image,
+    ArmedTimer, HostState, LogInput, MemberTimings, Outbound, Recent, VpConfig, VpStatus,
+    address_of, client_of, decode_image, encode_image,
 };
 use crate::net::Net;
 use crate::node::Wire;
@@ -46,6 +46,14 @@ pub const PENDING_REQUESTS_MAX: usize = 100_000;
 pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 /// How often the leader resends outbound messages that have no logged answer.
 const OUTBOX_RESEND: Duration = Duration::from_secs(2);
+/// A leader proposes a due timer's firing again if it was not logged within this.
+const TIMER_REPROPOSE: Duration = Duration::from_secs(1);
+/// Timer firings a leader proposes per tick, at most.
+const TIMERS_FIRED_PER_TICK: usize = 256;
+/// A timer whose handler trapped is armed again this long after (doubling
+/// with each trap in a row, up to `TIMER_TRAP_BACKOFF_MAX`).
+const TIMER_TRAP_BACKOFF: Duration = Duration::from_secs(1);
+const TIMER_TRAP_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A replacement that has not finished in this long is abandoned (and retried).
 const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A host deployed as a replacement that has never seen itself in a
@@ -461,6 +469,8 @@ pub fn start_member(
         leading: false,
         leading_since: None,
         outbox_sent: HashMap::new(),
+        timers_proposed: HashMap::new(),
+        timer_seq_proposed: 0,
         replacing: None,
         replace_checkpointed: None,
         was_member: false,
@@ -837,6 +847,10 @@ struct Member {
     /// When this member last started leading (debug logs of its first requests).
     leading_since: Option<Time>,
     outbox_sent: HashMap<u64, Time>,
+    /// Leader: timer firings proposed and not yet logged: id -> (arming, when).
+    timers_proposed: HashMap<u64, (u64, Time)>,
+    /// Leader: the sequence number of the last timer firing it proposed.
+    timer_seq_proposed: u64,
     replacing: Option<Replacement>,
     /// The host the last replacement attempt was for (it checkpointed then).
     replace_checkpointed: Option<HostId>,
@@ -1287,6 +1301,7 @@ impl Member {
             if leading {
                 tracing::info!(epoch = self.replica.epoch().0, "leading");
                 self.outbox_sent.clear();
+                self.timers_proposed.clear();
             } else {
                 // Requests waiting here are redirected by `run` once this
                 // member is not a candidate either (a leader re-running phase
@@ -1330,7 +1345,58 @@ impl Member {
         for id in due {
             self.send_outbound(now, id);
         }
+        self.fire_timers(now);
         self.check_members(now);
+    }
+
+    /// Leader: propose the firing of every armed timer whose due time its
+    /// clock has reached. The entry's time is stamped at or after now, so the
+    /// guest never sees a timer fire early. A proposal that is lost (leader
+    /// change, a refusal) is made again after `TIMER_REPROPOSE`; one logged
+    /// twice, or after a cancel, does nothing the second time.
+    fn fire_timers(&mut self, now: Time) {
+        let timers = &self.state.timers;
+        self.timers_proposed
+            .retain(|id, (armed, _)| timers.get(id).is_some_and(|t| t.armed == *armed));
+        if timers.is_empty() {
+            return;
+        }
+        let now_ms = now.as_ms();
+        let due: Vec<(u64, u64)> = timers
+            .iter()
+            .filter(|(id, t)| {
+                t.due_ms <= now_ms
+                    && self
+                        .timers_proposed
+                        .get(id)
+                        .is_none_or(|&(_, at)| now.since(at) >= TIMER_REPROPOSE.as_micros() as u64)
+            })
+            .map(|(&id, t)| (id, t.armed))
+            .take(TIMERS_FIRED_PER_TICK)
+            .collect();
+        for (id, armed) in due {
+            // Each firing acknowledges all before it, so the session keeps
+            // one reply; a proposal numbered below a logged one would be
+            // forgotten, hence above both what is logged and what this
+            // leader proposed.
+            let seq = self.state.timer_fire_seq.max(self.timer_seq_proposed) + 1;
+            let cmd = Command {
+                client: super::timer_client(self.vp()),
+                seq,
+                ack_below: seq,
+                payload: encode_input(&LogInput::Timer { id, armed }),
+            };
+            match self.replica.propose(now, cmd) {
+                Ok(_) => {
+                    self.timer_seq_proposed = seq;
+                    self.timers_proposed.insert(id, (armed, now));
+                }
+                Err(e) => {
+                    tracing::debug!(id, "cannot propose a timer's firing yet: {e}");
+                    break;
+                }
+            }
+        }
     }
 
     fn send_outbound(&mut self, now: Time, id: u64) {
@@ -1955,6 +2021,7 @@ impl Member {
             self.record_and_answer(cmd.client, cmd.seq, result);
             return;
         }
+        let mut fired_timer = None;
         let envelope = match input {
             LogInput::Destroy => {
                 self.record_and_answer(cmd.client, cmd.seq, Ok(Vec::new().into()));
@@ -1980,6 +2047,16 @@ impl Member {
                 }
                 Envelope(time_ms, entropy, Input::CallReply(id, result))
             }
+            LogInput::Timer { id, armed } => {
+                self.record(cmd.client, cmd.seq, &Ok(Vec::new().into()));
+                self.state.timer_fire_seq = self.state.timer_fire_seq.max(cmd.seq);
+                if self.state.timers.get(&id).is_none_or(|t| t.armed != armed) {
+                    return; // cancelled, moved, or already fired
+                }
+                fired_timer = self.state.timers.remove(&id).map(|t| (id, t));
+                self.timers_proposed.remove(&id);
+                Envelope(time_ms, entropy, Input::Timer(id))
+            }
         };
         let is_request = matches!(envelope.2, Input::Request(..));
         let Some(guest) = self.guest.as_mut() else {
@@ -1999,6 +2076,25 @@ impl Member {
             Err(e) => {
                 if is_request {
                     self.record_and_answer(cmd.client, cmd.seq, Err(e.to_string()));
+                } else if let Some((id, timer)) = fired_timer {
+                    // The trap undid the guest's side of the firing (its
+                    // record of the timer is armed again): arm it again here
+                    // too, later, so the two agree and the timer is retried.
+                    let backoff = (TIMER_TRAP_BACKOFF.as_millis() as u64)
+                        .saturating_mul(1 << timer.traps.min(16))
+                        .min(TIMER_TRAP_BACKOFF_MAX.as_millis() as u64);
+                    tracing::warn!(
+                        id,
+                        "guest failed on timer {id}: {e}; firing it again in {backoff} ms"
+                    );
+                    self.state.timers.insert(
+                        id,
+                        ArmedTimer {
+                            due_ms: time_ms.saturating_add(backoff),
+                            traps: timer.traps.saturating_add(1),
+                            ..timer
+                        },
+                    );
                 } else {
                     tracing::warn!("guest failed on a call reply: {e}");
                 }
@@ -2011,6 +2107,30 @@ impl Member {
             Effect::Reply(to, id, result) => self.record_and_answer(client_of(to), id, result),
             Effect::Send(to, id, payload) => self.queue_outbound(to, id, payload.into_vec(), false),
             Effect::Call(to, id, payload) => self.queue_outbound(to, id, payload.into_vec(), true),
+            Effect::SetTimer(id, due_ms) => {
+                let timers = &mut self.state.timers;
+                if !timers.contains_key(&id) && timers.len() >= abi::TIMERS_MAX {
+                    tracing::warn!(
+                        id,
+                        "the guest armed more than {} timers; this one is ignored",
+                        abi::TIMERS_MAX
+                    );
+                    return;
+                }
+                self.state.timers_armed += 1;
+                let armed = self.state.timers_armed;
+                timers.insert(
+                    id,
+                    ArmedTimer {
+                        due_ms,
+                        armed,
+                        traps: 0,
+                    },
+                );
+            }
+            Effect::CancelTimer(id) => {
+                self.state.timers.remove(&id);
+            }
         }
     }
 
@@ -2090,6 +2210,7 @@ impl Member {
             state_bytes,
             state_digest: digest,
             outbox: self.state.outbox.len(),
+            timers: self.state.timers.len(),
             guest_handled: handled,
             replacing: self.replacing.as_ref().map(|r| host_text(r.dead)),
             timings: self.timings.summary(),

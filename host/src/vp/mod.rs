@@ -40,6 +40,15 @@ pub fn reply_client(vp: VpId) -> ClientId {
     ClientId(REPLY_CLIENT_TAG | u128::from(vp.0))
 }
 
+/// Client ids with these bits stand for this virtual peer's own timers coming
+/// due, fed into its log.
+const TIMER_CLIENT_TAG: u128 = 1 << 126;
+
+/// The consensus client id under which `vp` logs its timers coming due.
+pub fn timer_client(vp: VpId) -> ClientId {
+    ClientId(TIMER_CLIENT_TAG | u128::from(vp.0))
+}
+
 /// A fresh random client session id (never one of the tagged forms).
 pub fn new_session_id() -> ClientId {
     ClientId(rand::random::<u128>() >> 2)
@@ -132,6 +141,11 @@ pub enum LogInput {
     /// error, stops, and deletes its state (`vp-host destroy`).
     #[serde(rename = "destroy")]
     Destroy,
+    /// Timer `id`, armed as the `armed`-th `set_timer` of this virtual peer
+    /// (`HostState::timers`), is due. A firing for an arming since
+    /// cancelled or moved does nothing.
+    #[serde(rename = "timer")]
+    Timer { id: u64, armed: u64 },
 }
 
 /// A message this virtual peer's guest sent and no answer has been logged for
@@ -146,10 +160,33 @@ pub struct Outbound {
     pub call: bool,
 }
 
+/// A timer the guest armed and that has not fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmedTimer {
+    /// When it is due: ms since the epoch, on the ordered clock.
+    pub due_ms: u64,
+    /// Which arming this is (`HostState::timers_armed` when it was set): a
+    /// firing names it, so one ordered before a cancel or a move is ignored.
+    pub armed: u64,
+    /// Times in a row its handler trapped (each arms it again, later).
+    #[serde(default)]
+    pub traps: u32,
+}
+
 /// The replicated state the host keeps next to the guest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostState {
     pub outbox: BTreeMap<u64, Outbound>,
+    /// The guest's armed timers by id (at most `abi::TIMERS_MAX`).
+    #[serde(default)]
+    pub timers: BTreeMap<u64, ArmedTimer>,
+    /// `set_timer` effects applied so far.
+    #[serde(default)]
+    pub timers_armed: u64,
+    /// The highest sequence number of a timer firing logged so far (the
+    /// firings' session in the session table acknowledges all below it).
+    #[serde(default)]
+    pub timer_fire_seq: u64,
 }
 
 /// Layout of the application state handed to consensus checkpoints:
@@ -196,6 +233,9 @@ pub struct VpStatus {
     pub state_bytes: usize,
     pub state_digest: Option<String>,
     pub outbox: usize,
+    /// Timers the guest has armed.
+    #[serde(default)]
+    pub timers: usize,
     pub guest_handled: u64,
     pub replacing: Option<String>,
     /// Recent durations measured by the reporting member.
@@ -286,7 +326,10 @@ mod tests {
             let c = new_session_id();
             assert!(matches!(address_of(c), Address::Client(_)));
             assert_ne!(c, reply_client(vp));
+            assert_ne!(c, timer_client(vp));
         }
+        assert_ne!(timer_client(vp), reply_client(vp));
+        assert_ne!(timer_client(vp), vp_client(vp));
         assert!(matches!(address_of(reply_client(vp)), Address::Client(_)));
     }
 
@@ -301,11 +344,38 @@ mod tests {
                 call: true,
             },
         );
+        state.timers.insert(
+            7,
+            ArmedTimer {
+                due_ms: 1_700_000_000_000,
+                armed: 2,
+                traps: 1,
+            },
+        );
+        state.timers_armed = 2;
+        state.timer_fire_seq = 1;
         let image = encode_image(&state, |out| out.extend_from_slice(b"guest")).unwrap();
         let (back, range) = decode_image(&image).unwrap();
         assert_eq!(back, state);
         assert_eq!(&image[range], b"guest");
         assert!(decode_image(&image[..3]).is_err());
         assert!(decode_image(&[200, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn images_from_before_timers_still_decode() {
+        // The host state as written before timers existed: only the outbox.
+        #[derive(Serialize)]
+        struct Old {
+            outbox: BTreeMap<u64, Outbound>,
+        }
+        let old = vp_guest_sdk::abi::encode(&Old {
+            outbox: BTreeMap::new(),
+        })
+        .unwrap();
+        let mut image = (old.len() as u32).to_le_bytes().to_vec();
+        image.extend_from_slice(&old);
+        let (state, _) = decode_image(&image).unwrap();
+        assert_eq!(state, HostState::default());
     }
 }
