@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, wait_for};
+use common::{Cluster, wait_for, wait_for_async};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use vp_host::sandbox::ModuleHash;
@@ -902,6 +902,43 @@ async fn a_killed_follower_is_replaced_with_identical_state() {
     assert_eq!(c.ask(via, &vp, json!({"get": "k7"})).await, json!(7));
     let states = converged(&c, &vp, &s.voters).await;
     assert_identical(&states);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_armed_before_its_leader_is_killed_fires_on_the_new_leader() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start("vp-timer", 5).await;
+    let vp = c.spawn(0, vp_apps::KV, "").await.unwrap();
+    // kv expires keys on one timer armed for the earliest expiry
+    for (key, ttl) in [("short", 8_000), ("long", 3_600_000)] {
+        let put = json!({"put": {"key": key, "value": 1, "ttl_ms": ttl}});
+        assert_eq!(c.ask(0, &vp, put).await, Value::Null);
+    }
+    let s = c.wait_voters(0, &vp, 3, &[]).await;
+    let leader = s.leader.clone().unwrap();
+    let l = c.index_of(&leader).await.unwrap();
+    c.hosts[l].kill();
+    let via = (0..5).find(|&i| i != l).unwrap();
+    // Nothing touches "short" again: only the timer's handler can take it
+    // out of the expiring keys.
+    let expiring = wait_for_async(Duration::from_secs(60), || async {
+        let n = c.ask(via, &vp, json!({"expiring": null})).await;
+        (n == json!(1)).then_some(n)
+    })
+    .await;
+    assert_eq!(expiring, Some(json!(1)), "the timer did not fire");
+    let s = c.wait_voters(via, &vp, 3, &[leader]).await;
+    let states = converged(&c, &vp, &s.voters).await;
+    assert_identical(&states);
+    // "long" is still armed on every voter, the replacement included (it
+    // came with the snapshot)
+    for v in &s.voters {
+        let i = c.index_of(v).await.unwrap();
+        let status = c.vp_status(i, &vp).await.unwrap();
+        assert_eq!((&status.host, status.timers), (v, 1));
+    }
+    assert_eq!(c.ask(via, &vp, json!({"get": "long"})).await, json!(1));
+    assert_eq!(c.ask(via, &vp, json!({"get": "short"})).await, Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
