@@ -186,3 +186,36 @@ fn app_from_a_wasm_file_and_async_calls_by_hand() {
         "{stderr}"
     );
 }
+
+#[test]
+fn timers_are_shown_and_fired_by_hand() {
+    // kv arms its expiry timer (id 0) for the earliest key's expiry; exec has
+    // no clock, so `$timer` fires it. Line n is stamped 1000 + n.
+    let input = concat!(
+        "{\"put\": {\"key\": \"a\", \"value\": 1, \"ttl_ms\": 0}}\n",
+        "{\"expiring\": null}\n",
+        "{\"$timer\": 0}\n",
+        "{\"expiring\": null}\n",
+        "{\"$timer\": 0}\n",
+        "{\"$timer\": \"zero\"}\n",
+    );
+    let out = run(&["exec", "kv", "--time-ms", "1000", "--tagged"], input);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout_lines(&out),
+        [
+            r#"{"id":1,"ok":null}"#,
+            r#"{"id":2,"ok":1}"#,
+            r#"{"id":4,"ok":0}"#,
+            r#"{"error":"line 6: $timer needs a timer id (an unsigned integer)","id":6}"#,
+        ]
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // armed once; the firing removed it, so nothing was left to cancel and
+    // the second `$timer 0` found no timer and did nothing
+    assert!(
+        stderr.contains(r#"{"set_timer":{"due_ms":1001,"id":0}}"#),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("timer").count(), 1, "{stderr}");
+}
