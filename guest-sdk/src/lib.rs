@@ -34,7 +34,8 @@
 //! Rules a guest lives by (the host enforces them; `docs/abi.md` has the detail):
 //! state changes only while handling a message; time and randomness come from
 //! [`Ctx::now_ms`] and [`Ctx::random_u64`], which the ordering leader stamped;
-//! a handler that traps or runs out of fuel has no effect at all. Log lines
+//! a handler that traps or runs out of fuel has no effect at all; to act
+//! later, arm a timer ([`Ctx::set_timer`], handled by [`App::timer`]). Log lines
 //! for yourself with [`info!`] and friends ([`log`]); `vp-host logs <vp>`
 //! shows them.
 
