@@ -317,7 +317,7 @@ fn reads_answer_without_changing_state() {
     assert!(
         decode_result(&refused)
             .unwrap_err()
-            .contains("only get is a read")
+            .contains("only get and expiring are reads")
     );
     let garbage = guest.query(b"\xff\xff").unwrap();
     assert!(

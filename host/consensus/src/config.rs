@@ -56,6 +56,13 @@ pub struct Limits {
     /// Must exceed the longest time any client retries one request (the host
     /// retries for at most 60 s).
     pub session_retain_ms: u64,
+    /// Client ids with any of these bits set are the replicated application's
+    /// own clients (a few per instance: e.g. the host's timers coming due and
+    /// the answers to the application's calls, which it deduplicates itself).
+    /// They are admitted even when the table is full; they may be evicted
+    /// like any idle session. 0: none.
+    #[serde(default)]
+    pub own_client_bits: u128,
     /// Requests per client whose reply (or pending status) is remembered.
     pub replies_per_client_max: usize,
     /// Bytes of one remembered reply.
@@ -85,6 +92,7 @@ impl Default for Limits {
             learners_max: 4,
             clients_max: 4096,
             session_retain_ms: 10 * 60 * 1000,
+            own_client_bits: 0,
             replies_per_client_max: 64,
             reply_bytes_max: 1 << 20,
             reads_pending_max: 10_000,

@@ -71,6 +71,7 @@ impl SessionTable {
     /// table as a replicated state transition.
     pub fn admit(&mut self, cmd: &Command, time_ms: u64, limits: &Limits) -> Outcome {
         if !self.sessions.contains_key(&cmd.client)
+            && cmd.client.0 & limits.own_client_bits == 0
             && self.sessions.len() >= limits.clients_max
             && !self.evict_idle(time_ms, limits.session_retain_ms)
         {
@@ -274,5 +275,30 @@ mod tests {
             t.admit(&cmd(2, 3, 3), 3_000, &l),
             Outcome::Duplicate(Reply::Forgotten)
         );
+    }
+
+    #[test]
+    fn the_applications_own_clients_are_admitted_into_a_full_table() {
+        let own = 1 << 126;
+        let l = Limits {
+            clients_max: 2,
+            session_retain_ms: 1_000,
+            own_client_bits: own,
+            ..Limits::default()
+        };
+        let mut t = SessionTable::default();
+        assert_eq!(t.admit(&cmd(1, 1, 1), 100, &l), Outcome::Fresh);
+        assert_eq!(t.admit(&cmd(2, 1, 1), 100, &l), Outcome::Fresh);
+        assert_eq!(t.admit(&cmd(3, 1, 1), 200, &l), Outcome::Refused);
+        assert_eq!(t.admit(&cmd(own | 3, 1, 1), 200, &l), Outcome::Fresh);
+        assert_eq!(t.admit(&cmd(own | 7, 4, 4), 200, &l), Outcome::Fresh);
+        assert_eq!(t.len(), 4);
+        // still deduplicated like any session
+        assert_eq!(
+            t.admit(&cmd(own | 3, 1, 1), 300, &l),
+            Outcome::Duplicate(Reply::Pending)
+        );
+        // and still nobody else gets in while the others are active
+        assert_eq!(t.admit(&cmd(4, 1, 1), 300, &l), Outcome::Refused);
     }
 }

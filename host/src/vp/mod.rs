@@ -43,6 +43,9 @@ pub fn reply_client(vp: VpId) -> ClientId {
 /// Client ids with these bits stand for this virtual peer's own timers coming
 /// due, fed into its log.
 const TIMER_CLIENT_TAG: u128 = 1 << 126;
+/// The bit the virtual peer's own clients (`reply_client`, `timer_client`)
+/// have and no other client has: the session table always admits them.
+const OWN_CLIENT_BIT: u128 = 1 << 126;
 
 /// The consensus client id under which `vp` logs its timers coming due.
 pub fn timer_client(vp: VpId) -> ClientId {
@@ -104,6 +107,10 @@ impl VpConfig {
             // "Batching"): on a loaded machine each slot's syncs and wake-ups
             // cost more than the round it saves.
             partial_batch_window_slots: 1,
+            // Timer firings and the answers to the guest's calls are never
+            // refused for a full session table (the member deduplicates them
+            // against `HostState`).
+            own_client_bits: OWN_CLIENT_BIT,
             ..vp_consensus::Limits::default()
         }
     }
@@ -329,6 +336,11 @@ mod tests {
             assert_ne!(c, timer_client(vp));
         }
         assert_ne!(timer_client(vp), reply_client(vp));
+        // only the virtual peer's own clients bypass a full session table
+        assert_ne!(timer_client(vp).0 & OWN_CLIENT_BIT, 0);
+        assert_ne!(reply_client(vp).0 & OWN_CLIENT_BIT, 0);
+        assert_eq!(vp_client(vp).0 & OWN_CLIENT_BIT, 0);
+        assert_eq!(new_session_id().0 & OWN_CLIENT_BIT, 0);
         assert_ne!(timer_client(vp), vp_client(vp));
         assert!(matches!(address_of(reply_client(vp)), Address::Client(_)));
     }
