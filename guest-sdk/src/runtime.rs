@@ -403,21 +403,29 @@ impl<A: App> Runtime<A> {
                 self.shared
                     .effect(Effect::Reply(from, id, encode_reply(Ok(reply))))
             }
-            Ok(Handled::Later(future)) => {
-                let task_id = self.next_task_id;
-                self.next_task_id += 1;
-                let future: TaskFuture = Box::pin(async move { encode_reply(future.await) });
-                self.tasks.insert(
-                    task_id,
-                    Task {
-                        future,
-                        reply_to: Some((from, id)),
-                        timer: 0,
-                    },
-                );
-                self.poll_task(task_id);
-            }
+            Ok(Handled::Later(future)) => self.spawn(future, Some((from, id)), 0),
         }
+    }
+
+    /// Keep a handler's future as a task and poll it once.
+    fn spawn<R: Serialize + 'static>(
+        &mut self,
+        future: std::pin::Pin<Box<dyn Future<Output = Result<R, Error>>>>,
+        reply_to: Option<(Address, u64)>,
+        timer: u64,
+    ) {
+        let task_id = self.next_task_id;
+        self.next_task_id += 1;
+        let future: TaskFuture = Box::pin(async move { encode_reply(future.await) });
+        self.tasks.insert(
+            task_id,
+            Task {
+                future,
+                reply_to,
+                timer,
+            },
+        );
+        self.poll_task(task_id);
     }
 
     fn on_timer(&mut self, id: u64) {
@@ -436,20 +444,7 @@ impl<A: App> Runtime<A> {
         match outcome {
             Err(e) => timer_failed(id, &e.to_string()),
             Ok(Handled::Now(())) => {}
-            Ok(Handled::Later(future)) => {
-                let task_id = self.next_task_id;
-                self.next_task_id += 1;
-                let future: TaskFuture = Box::pin(async move { encode_reply(future.await) });
-                self.tasks.insert(
-                    task_id,
-                    Task {
-                        future,
-                        reply_to: None,
-                        timer: id,
-                    },
-                );
-                self.poll_task(task_id);
-            }
+            Ok(Handled::Later(future)) => self.spawn(future, None, id),
         }
     }
 
