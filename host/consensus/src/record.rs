@@ -79,6 +79,93 @@ pub enum ImageError {
     Digest,
 }
 
+/// Everything of a [`SnapshotImage`] before its application state, borrowed:
+/// postcard writes a struct's fields one after another, so this followed by
+/// the state as a byte string (varint length, bytes) is the image's encoding.
+#[derive(Serialize)]
+struct ImageHead<'a> {
+    slot: Slot,
+    membership: &'a Membership,
+    epoch_start: Slot,
+    sessions: &'a SessionTable,
+    time_ms: u64,
+    app_digest: u64,
+}
+
+/// The parts of a [`SnapshotImage`] other than its application state, for
+/// [`SnapshotFile::in_place`].
+pub struct ImageParts<'a> {
+    pub slot: Slot,
+    pub membership: &'a Membership,
+    pub epoch_start: Slot,
+    pub sessions: &'a SessionTable,
+    pub time_ms: u64,
+}
+
+impl ImageParts<'_> {
+    fn head(&self, app_digest: u64) -> ImageHead<'_> {
+        ImageHead {
+            slot: self.slot,
+            membership: self.membership,
+            epoch_start: self.epoch_start,
+            sessions: self.sessions,
+            time_ms: self.time_ms,
+            app_digest,
+        }
+    }
+
+    /// The most bytes the image's encoding puts before the application
+    /// state, whatever its slot, times, digest and length (each a varint of
+    /// at most 10 bytes): leave this much room in front of a state handed to
+    /// [`SnapshotFile::in_place`].
+    pub fn room(&self) -> usize {
+        let widest = ImageParts {
+            slot: Slot(u64::MAX),
+            epoch_start: Slot(u64::MAX),
+            time_ms: u64::MAX,
+            ..*self
+        };
+        postcard::experimental::serialized_size(&widest.head(u64::MAX))
+            .expect("sizing a snapshot head cannot fail")
+            + 10
+    }
+}
+
+impl SnapshotFile {
+    /// The snapshot of `parts` with the application state `buf[room..]`,
+    /// encoded as [`SnapshotImage::encode`] does but without copying the
+    /// state: the head is written into the room in front of it and the
+    /// image shares `buf`. Falls back to a copy if the room is too small.
+    pub fn in_place(parts: &ImageParts<'_>, mut buf: Vec<u8>, room: usize) -> SnapshotFile {
+        let app_digest = xxhash_rust::xxh3::xxh3_64(&buf[room..]);
+        let mut head = postcard::to_allocvec(&parts.head(app_digest))
+            .expect("encoding a snapshot head into memory cannot fail");
+        let mut len = (buf.len() - room) as u64;
+        loop {
+            let low = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                head.push(low);
+                break;
+            }
+            head.push(low | 0x80);
+        }
+        let image = if head.len() <= room {
+            let start = room - head.len();
+            buf[start..room].copy_from_slice(&head);
+            bytes::Bytes::from(buf).slice(start..)
+        } else {
+            head.extend_from_slice(&buf[room..]);
+            bytes::Bytes::from(head)
+        };
+        SnapshotFile {
+            slot: parts.slot,
+            digest: xxhash_rust::xxh3::xxh3_64(&image),
+            image: Bytes::new(image),
+        }
+    }
+}
+
 impl SnapshotImage {
     pub fn encode(&self) -> Vec<u8> {
         // Into a buffer of the final size: growing one by doubling would copy
@@ -243,5 +330,54 @@ mod tests {
             let shared = SnapshotImage::decode_shared(&Bytes::from(bad)).unwrap_err();
             assert_eq!(plain, shared);
         }
+    }
+
+    fn parts(img: &SnapshotImage) -> ImageParts<'_> {
+        ImageParts {
+            slot: img.slot,
+            membership: &img.membership,
+            epoch_start: img.epoch_start,
+            sessions: &img.sessions,
+            time_ms: img.time_ms,
+        }
+    }
+
+    #[test]
+    fn an_image_built_in_place_is_the_encoded_image_and_shares_the_buffer() {
+        // States whose length varint takes 1, 2 and 3 bytes, and a table
+        // with sessions in it.
+        let mut sessions = SessionTable::default();
+        let limits = crate::config::Limits::default();
+        for client in 1..=3u64 {
+            let cmd = crate::types::Command {
+                client: crate::types::ClientId(client.into()),
+                seq: 1,
+                ack_below: 1,
+                payload: Bytes::default(),
+            };
+            sessions.admit(&cmd, 5, &limits);
+        }
+        for len in [0usize, 100, 300, 70_000] {
+            let mut img = image((0..len).map(|i| (i % 253) as u8).collect());
+            img.sessions = sessions.clone();
+            let room = parts(&img).room();
+            let mut buf = vec![0xAA; room];
+            buf.extend_from_slice(&img.app_state);
+            let within = buf.as_ptr_range();
+            let file = SnapshotFile::in_place(&parts(&img), buf, room);
+            assert_eq!(file, SnapshotFile::from_image(&img), "state of {len} bytes");
+            assert!(within.contains(&file.image.as_slice().as_ptr()));
+            assert_eq!(SnapshotImage::decode(&file.image).unwrap(), img);
+        }
+    }
+
+    #[test]
+    fn an_image_without_room_for_its_head_is_copied_whole() {
+        let img = image(vec![9; 5_000]);
+        let room = parts(&img).room() / 2;
+        let mut buf = vec![0; room];
+        buf.extend_from_slice(&img.app_state);
+        let file = SnapshotFile::in_place(&parts(&img), buf, room);
+        assert_eq!(file, SnapshotFile::from_image(&img));
     }
 }

@@ -7,7 +7,9 @@
 
 use crate::config::{Limits, ReplicaConfig};
 use crate::message::{DecidedEntry, Message, MessageError, ReportedEntry};
-use crate::record::{ImageError, PersistBatch, Record, Recovered, SnapshotFile, SnapshotImage};
+use crate::record::{
+    ImageError, ImageParts, PersistBatch, Record, Recovered, SnapshotFile, SnapshotImage,
+};
 use crate::rng::Rng;
 use crate::session::{Outcome, ReplyError, SessionTable};
 use crate::types::{
@@ -1132,6 +1134,29 @@ impl Replica {
     /// which must be the last slot handed out by `poll_apply`. The log below it (minus
     /// `log_retain_slots`) may then be dropped.
     pub fn checkpoint(&mut self, slot: Slot, app_state: Bytes) -> Result<(), CheckpointError> {
+        let room = self.checkpoint_room();
+        let mut buf = Vec::with_capacity(room + app_state.len());
+        buf.resize(room, 0);
+        buf.extend_from_slice(&app_state);
+        self.checkpoint_in_place(slot, buf, room)
+    }
+
+    /// Bytes to leave in front of the application state handed to
+    /// [`Replica::checkpoint_in_place`], valid until the next input.
+    pub fn checkpoint_room(&self) -> usize {
+        self.image_parts(Slot(0)).room()
+    }
+
+    /// [`Replica::checkpoint`] with the application state `buf[room..]`:
+    /// the image's head is written into the room in front of it, so a large
+    /// state is not copied again (one fresh buffer of its size less to fault
+    /// in on the thread that applies).
+    pub fn checkpoint_in_place(
+        &mut self,
+        slot: Slot,
+        buf: Vec<u8>,
+        room: usize,
+    ) -> Result<(), CheckpointError> {
         let applied = Slot(self.applied_below - 1);
         if slot != applied || self.pending_install.is_some() {
             return Err(CheckpointError::NotAtApplyPoint { slot, applied });
@@ -1142,22 +1167,11 @@ impl Replica {
             });
         }
         let max = self.limits().snapshot_bytes_max;
-        if app_state.len() as u64 + 4096 > max {
-            return Err(CheckpointError::TooLarge {
-                got: app_state.len() as u64,
-                max,
-            });
+        let got = buf.len().saturating_sub(room) as u64;
+        if room > buf.len() || got + 4096 > max {
+            return Err(CheckpointError::TooLarge { got, max });
         }
-        let img = SnapshotImage {
-            slot,
-            membership: (*self.applied_membership).clone(),
-            epoch_start: Slot(self.applied_epoch_start),
-            sessions: self.sessions.clone(),
-            time_ms: self.time_ms,
-            app_digest: xxhash_rust::xxh3::xxh3_64(&app_state),
-            app_state,
-        };
-        let file = SnapshotFile::from_image(&img);
+        let file = SnapshotFile::in_place(&self.image_parts(slot), buf, room);
         if file.image.len() as u64 > max {
             return Err(CheckpointError::TooLarge {
                 got: file.image.len() as u64,
@@ -1173,6 +1187,17 @@ impl Replica {
         self.pending_snapshot_is_checkpoint = true;
         self.pending_compact = Some(Slot(compact));
         Ok(())
+    }
+
+    /// What a checkpoint at `slot` records besides the application state.
+    fn image_parts(&self, slot: Slot) -> ImageParts<'_> {
+        ImageParts {
+            slot,
+            membership: &self.applied_membership,
+            epoch_start: Slot(self.applied_epoch_start),
+            sessions: &self.sessions,
+            time_ms: self.time_ms,
+        }
     }
 
     /// The caller made every batch up to `token` durable.

@@ -1775,16 +1775,17 @@ impl Member {
             return;
         }
         let started = std::time::Instant::now();
-        let image = match encode_image(&self.state, |out| guest.encode_snapshot_into(out)) {
+        let room = self.replica.checkpoint_room();
+        let image = match encode_image(room, &self.state, |out| guest.encode_snapshot_into(out)) {
             Ok(image) => image,
             Err(e) => {
                 tracing::error!("cannot encode a checkpoint: {e}");
                 return;
             }
         };
-        let bytes = image.len();
+        let bytes = image.len() - room;
         let encoded_ms = started.elapsed().as_secs_f64() * 1e3;
-        match self.replica.checkpoint(self.applied, Bytes::from(image)) {
+        match self.replica.checkpoint_in_place(self.applied, image, room) {
             Ok(()) => {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 if ms > 20.0 {

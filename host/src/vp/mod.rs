@@ -198,12 +198,17 @@ pub struct HostState {
 
 /// Layout of the application state handed to consensus checkpoints:
 /// `u32 length (LE) || CBOR(HostState) || guest snapshot` (docs/abi.md format).
+///
+/// The image starts after `room` zero bytes (for the consensus snapshot's
+/// head, `Replica::checkpoint_in_place`; 0 for none).
 pub fn encode_image(
+    room: usize,
     state: &HostState,
     encode_guest: impl FnOnce(&mut Vec<u8>),
 ) -> Result<Vec<u8>, String> {
     let host = vp_guest_sdk::abi::encode(state)?;
-    let mut out = Vec::with_capacity(4 + host.len());
+    let mut out = Vec::with_capacity(room + 4 + host.len());
+    out.resize(room, 0);
     out.extend_from_slice(&(host.len() as u32).to_le_bytes());
     out.extend_from_slice(&host);
     encode_guest(&mut out);
@@ -366,7 +371,7 @@ mod tests {
         );
         state.timers_armed = 2;
         state.timer_fire_seq = 1;
-        let image = encode_image(&state, |out| out.extend_from_slice(b"guest")).unwrap();
+        let image = encode_image(0, &state, |out| out.extend_from_slice(b"guest")).unwrap();
         let (back, range) = decode_image(&image).unwrap();
         assert_eq!(back, state);
         assert_eq!(&image[range], b"guest");
