@@ -1101,17 +1101,19 @@ async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start("vp-64mib", 5).await;
     let (vp, checksum) = spawn_holding_64_mib(&c, 9).await;
-    let s = c.wait_voters(0, &vp, 3, &[]).await;
-    let victim_id = s
+    let before = c.wait_voters(0, &vp, 3, &[]).await;
+    let victim_id = before
         .voters
         .iter()
-        .find(|v| Some(*v) != s.leader.as_ref())
+        .find(|v| Some(*v) != before.leader.as_ref())
         .unwrap()
         .clone();
     let victim = c.index_of(&victim_id).await.unwrap();
     c.hosts[victim].kill();
     let via = (0..5).find(|&i| i != victim).unwrap();
-    let s = c.wait_voters(via, &vp, 3, &[victim_id]).await;
+    let s = c
+        .wait_voters(via, &vp, 3, std::slice::from_ref(&victim_id))
+        .await;
     assert!(
         s.state_bytes >= 64 << 20,
         "the state is there: {} bytes",
@@ -1121,6 +1123,19 @@ async fn a_member_holding_64_mib_is_replaced_by_strong_migration() {
     assert_identical(&states);
     // the new member serves the same data
     assert_eq!(c.ask(via, &vp, json!("checksum")).await, checksum);
+    // The leader that replaced it checkpointed the 64 MiB state to send it,
+    // and status shows that pause (a survivor's: one of them led).
+    let mut paused = Vec::new();
+    for v in before.voters.iter().filter(|v| **v != victim_id) {
+        let i = c.index_of(v).await.unwrap();
+        let t = c.vp_status(i, &vp).await.unwrap().timings.checkpoint;
+        assert!(t.p50_us <= t.max_us, "{v}: {t:?}");
+        paused.push((v.clone(), t));
+    }
+    assert!(
+        paused.iter().any(|(_, t)| t.samples >= 1 && t.max_us > 0),
+        "no survivor timed a checkpoint: {paused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -751,6 +751,9 @@ fn print_vp_status(s: &vp_host::vp::VpStatus) {
             line(&t.request, "request proposed to answered")
         );
     }
+    if t.checkpoint.samples > 0 {
+        println!("pauses    {}", line(&t.checkpoint, "checkpoint"));
+    }
 }
 
 fn run_spawn(

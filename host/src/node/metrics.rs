@@ -320,6 +320,13 @@ pub fn render(status: &HostStatus) -> String {
         "Leader only: a request from proposed to answered, over its latest samples.",
         |s| &s.timings.request,
     );
+    per_member_timing(
+        out,
+        vps,
+        "vp_member_checkpoint_seconds",
+        "A checkpoint's pause of the member thread (encoding the guest), over its latest samples.",
+        |s| &s.timings.checkpoint,
+    );
     text
 }
 
@@ -380,8 +387,10 @@ mod tests {
         assert!(text.contains(
             "vp_member_log_write_seconds{vp=\"00000000000000bb\",name=\"q\\\"x\",quantile=\"0.5\"} 0.00015\n"
         ));
-        // no samples, no series
+        // no samples, no series (and a status from before checkpoints were
+        // timed, without the field, reads as none)
         assert!(!text.contains("vp_member_commit_seconds{"));
+        assert!(!text.contains("vp_member_checkpoint_seconds{"));
         assert!(text.contains("vp_member_leader{vp=\"00000000000000bb\",name=\"q\\\"x\"} 1\n"));
     }
 }

@@ -117,6 +117,7 @@ struct Timings {
     log_write: SharedSamples,
     commit: Samples,
     request: Samples,
+    checkpoint: Samples,
 }
 
 impl Timings {
@@ -129,6 +130,7 @@ impl Timings {
                 .unwrap_or_default(),
             commit: self.commit.summary(),
             request: self.request.summary(),
+            checkpoint: self.checkpoint.summary(),
         }
     }
 }
@@ -1787,6 +1789,7 @@ impl Member {
         let encoded_ms = started.elapsed().as_secs_f64() * 1e3;
         match self.replica.checkpoint_in_place(self.applied, image, room) {
             Ok(()) => {
+                self.timings.checkpoint.push(started.elapsed());
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 if ms > 20.0 {
                     tracing::info!(slot = self.applied.0, bytes, encoded_ms, ms, "checkpoint");

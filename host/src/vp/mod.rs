@@ -303,6 +303,11 @@ pub struct MemberTimings {
     pub commit: Recent,
     /// Leader only: a request, from proposed to answered (ordering, applying).
     pub request: Recent,
+    /// A checkpoint: the member thread encoding the guest and handing the
+    /// image to consensus. The virtual peer waits on this member meanwhile,
+    /// so it grows with the guest's state (tens of ms for 64 MiB).
+    #[serde(default)]
+    pub checkpoint: Recent,
 }
 
 /// A summary of recent durations of one kind (zeros when there were none).
