@@ -79,9 +79,10 @@ pub enum ImageError {
     Digest,
 }
 
-/// Everything of a [`SnapshotImage`] before its application state, borrowed:
-/// postcard writes a struct's fields one after another, so this followed by
-/// the state as a byte string (varint length, bytes) is the image's encoding.
+/// The bytes of a [`SnapshotImage`]'s encoding before its application
+/// state's bytes, borrowed: postcard writes a struct's fields one after
+/// another and a byte string as its length (a varint, as it writes a `u64`)
+/// then the bytes, so this followed by the state is the image's encoding.
 #[derive(Serialize)]
 struct ImageHead<'a> {
     slot: Slot,
@@ -90,6 +91,7 @@ struct ImageHead<'a> {
     sessions: &'a SessionTable,
     time_ms: u64,
     app_digest: u64,
+    app_len: u64,
 }
 
 /// The parts of a [`SnapshotImage`] other than its application state, for
@@ -103,7 +105,7 @@ pub struct ImageParts<'a> {
 }
 
 impl ImageParts<'_> {
-    fn head(&self, app_digest: u64) -> ImageHead<'_> {
+    fn fields(&self, app_digest: u64, app_len: u64) -> ImageHead<'_> {
         ImageHead {
             slot: self.slot,
             membership: self.membership,
@@ -111,7 +113,13 @@ impl ImageParts<'_> {
             sessions: self.sessions,
             time_ms: self.time_ms,
             app_digest,
+            app_len,
         }
+    }
+
+    fn head(&self, app_digest: u64, app_len: usize) -> Vec<u8> {
+        postcard::to_allocvec(&self.fields(app_digest, app_len as u64))
+            .expect("encoding a snapshot head into memory cannot fail")
     }
 
     /// The most bytes the image's encoding puts before the application
@@ -125,9 +133,8 @@ impl ImageParts<'_> {
             time_ms: u64::MAX,
             ..*self
         };
-        postcard::experimental::serialized_size(&widest.head(u64::MAX))
+        postcard::experimental::serialized_size(&widest.fields(u64::MAX, u64::MAX))
             .expect("sizing a snapshot head cannot fail")
-            + 10
     }
 }
 
@@ -138,18 +145,7 @@ impl SnapshotFile {
     /// image shares `buf`. Falls back to a copy if the room is too small.
     pub fn in_place(parts: &ImageParts<'_>, mut buf: Vec<u8>, room: usize) -> SnapshotFile {
         let app_digest = xxhash_rust::xxh3::xxh3_64(&buf[room..]);
-        let mut head = postcard::to_allocvec(&parts.head(app_digest))
-            .expect("encoding a snapshot head into memory cannot fail");
-        let mut len = (buf.len() - room) as u64;
-        loop {
-            let low = (len & 0x7f) as u8;
-            len >>= 7;
-            if len == 0 {
-                head.push(low);
-                break;
-            }
-            head.push(low | 0x80);
-        }
+        let mut head = parts.head(app_digest, buf.len() - room);
         let image = if head.len() <= room {
             let start = room - head.len();
             buf[start..room].copy_from_slice(&head);
@@ -170,24 +166,21 @@ impl SnapshotImage {
     pub fn encode(&self) -> Vec<u8> {
         // Into a buffer of the final size: growing one by doubling would copy
         // a large application state several times over.
-        let head = postcard::to_allocvec(&self.clone_without_state())
-            .expect("encoding a snapshot into memory cannot fail")
-            .len();
-        let capacity = head + 10 + self.app_state.len();
-        postcard::to_extend(self, Vec::with_capacity(capacity))
-            .expect("encoding a snapshot into memory cannot fail")
+        let head = self.parts().head(self.app_digest, self.app_state.len());
+        let mut out = Vec::with_capacity(head.len() + self.app_state.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&self.app_state);
+        out
     }
 
-    /// Everything but the application state (which is shared, not copied).
-    fn clone_without_state(&self) -> SnapshotImage {
-        SnapshotImage {
+    /// Everything but the application state, borrowed.
+    pub fn parts(&self) -> ImageParts<'_> {
+        ImageParts {
             slot: self.slot,
-            membership: self.membership.clone(),
+            membership: &self.membership,
             epoch_start: self.epoch_start,
-            sessions: self.sessions.clone(),
+            sessions: &self.sessions,
             time_ms: self.time_ms,
-            app_digest: self.app_digest,
-            app_state: Bytes::default(),
         }
     }
 
@@ -332,18 +325,8 @@ mod tests {
         }
     }
 
-    fn parts(img: &SnapshotImage) -> ImageParts<'_> {
-        ImageParts {
-            slot: img.slot,
-            membership: &img.membership,
-            epoch_start: img.epoch_start,
-            sessions: &img.sessions,
-            time_ms: img.time_ms,
-        }
-    }
-
     #[test]
-    fn an_image_built_in_place_is_the_encoded_image_and_shares_the_buffer() {
+    fn an_image_built_in_place_is_what_decoding_reads_and_shares_the_buffer() {
         // States whose length varint takes 1, 2 and 3 bytes, and a table
         // with sessions in it.
         let mut sessions = SessionTable::default();
@@ -360,12 +343,16 @@ mod tests {
         for len in [0usize, 100, 300, 70_000] {
             let mut img = image((0..len).map(|i| (i % 253) as u8).collect());
             img.sessions = sessions.clone();
-            let room = parts(&img).room();
+            let room = img.parts().room();
             let mut buf = vec![0xAA; room];
             buf.extend_from_slice(&img.app_state);
             let within = buf.as_ptr_range();
-            let file = SnapshotFile::in_place(&parts(&img), buf, room);
-            assert_eq!(file, SnapshotFile::from_image(&img), "state of {len} bytes");
+            let file = SnapshotFile::in_place(&img.parts(), buf, room);
+            // the derived encoding, which decoding reads, byte for byte
+            let derived = postcard::to_allocvec(&img).unwrap();
+            assert_eq!(file.image.as_slice(), &derived[..], "state of {len} bytes");
+            assert_eq!(img.encode(), derived);
+            assert_eq!(file, SnapshotFile::from_image(&img));
             assert!(within.contains(&file.image.as_slice().as_ptr()));
             assert_eq!(SnapshotImage::decode(&file.image).unwrap(), img);
         }
@@ -374,10 +361,10 @@ mod tests {
     #[test]
     fn an_image_without_room_for_its_head_is_copied_whole() {
         let img = image(vec![9; 5_000]);
-        let room = parts(&img).room() / 2;
+        let room = img.parts().room() / 2;
         let mut buf = vec![0; room];
         buf.extend_from_slice(&img.app_state);
-        let file = SnapshotFile::in_place(&parts(&img), buf, room);
+        let file = SnapshotFile::in_place(&img.parts(), buf, room);
         assert_eq!(file, SnapshotFile::from_image(&img));
     }
 }
